@@ -1,0 +1,42 @@
+# Tributary: the commands. `make test` works on a fresh machine with only Python and make.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# uv from PATH, or installed into the current Python on first use.
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+RUN := $(UV) run --frozen
+
+.PHONY: help sync test lint fmt contracts dev demo bench
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+sync:  ## install the workspace (uv installed if missing)
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	@$(UV) sync --frozen --quiet
+
+test: sync  ## the whole test suite (finds or starts RabbitMQ and PostgreSQL)
+	$(RUN) pytest
+
+lint: sync  ## ruff, mypy (strict on libs/), contract compatibility, AsyncAPI freshness
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy libs
+	$(RUN) eventctl contracts check
+	$(RUN) python -m tributary.contracts.asyncapi
+
+fmt: sync  ## format and autofix
+	$(RUN) ruff format .
+	$(RUN) ruff check --fix .
+
+contracts: sync  ## regenerate contracts/asyncapi.yaml from the catalog
+	$(RUN) python -m tributary.contracts.asyncapi --write
+
+dev: sync  ## every service as a local process (needs RABBITMQ_URL or a local broker)
+	@echo "no services yet: they arrive with the sign-up flow" >&2; exit 1
+
+demo:  ## the whole stack in Docker: docker compose up --build
+	docker compose up --build
+
+bench: sync  ## benchmarks; figures go to bench/RESULTS.md
+	@echo "no benchmarks yet: they arrive with the messaging runtime" >&2; exit 1

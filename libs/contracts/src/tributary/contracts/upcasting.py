@@ -1,0 +1,53 @@
+"""Upcasters: functions that turn a payload of version N into version N+1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+_UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+class NoUpcastPath(LookupError):
+    """No chain of upcasters leads from the event's version to the wanted one."""
+
+
+def upcaster(type_name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+    """Register the decorated function as the ``from_version → from_version + 1`` step."""
+
+    def register(fn: Upcaster) -> Upcaster:
+        key = (type_name, from_version)
+        if key in _UPCASTERS:
+            raise ValueError(f"an upcaster for {type_name} v{from_version} is already registered")
+        _UPCASTERS[key] = fn
+        return fn
+
+    return register
+
+
+def has_upcaster(type_name: str, from_version: int) -> bool:
+    return (type_name, from_version) in _UPCASTERS
+
+
+def upcast(type_name: str, version: int, data: dict[str, Any], to_version: int) -> dict[str, Any]:
+    """Apply the registered steps from ``version`` up to ``to_version``."""
+    if to_version < version:
+        raise NoUpcastPath(f"cannot downcast {type_name} v{version} to v{to_version}")
+    for step in range(version, to_version):
+        try:
+            data = _UPCASTERS[(type_name, step)](data)
+        except KeyError:
+            raise NoUpcastPath(f"no upcaster from {type_name} v{step} to v{step + 1}") from None
+    return data
+
+
+@upcaster("user.created", 1)
+def user_created_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Split ``name`` at the first whitespace into ``given_name`` and ``family_name``."""
+    out = {k: v for k, v in data.items() if k != "name"}
+    given, _, family = str(data["name"]).strip().partition(" ")
+    out["given_name"] = given
+    out["family_name"] = family.strip()
+    return out

@@ -1,0 +1,1 @@
+"""Test support for Tributary services: real brokers and databases, found or started."""
