@@ -47,7 +47,8 @@ def upcast(type_name: str, version: int, data: dict[str, Any], to_version: int) 
 def user_created_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     """Split ``name`` at the first whitespace into ``given_name`` and ``family_name``."""
     out = {k: v for k, v in data.items() if k != "name"}
-    given, _, family = str(data["name"]).strip().partition(" ")
-    out["given_name"] = given
-    out["family_name"] = family.strip()
+    name = str(data["name"])
+    parts = name.split(None, 1)
+    out["given_name"] = parts[0] if parts else name
+    out["family_name"] = parts[1].strip() if len(parts) > 1 else ""
     return out

@@ -1,0 +1,287 @@
+"""Typed payload models: one class per event (or command) type and major version.
+
+Each model mirrors the JSON Schema the catalog names for it (``contracts/schemas/``) field by
+field; a test keeps the two in step. The models ignore unknown fields, so a consumer keeps
+working when a producer adds an optional field within the same major version.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+
+class UnknownPayload(KeyError):
+    """No payload model is registered for the routing key."""
+
+
+def _prefixed_id(prefix: str) -> Any:
+    return Field(pattern=rf"^{prefix}_[A-Za-z0-9]{{8,40}}$")
+
+
+UserId = Annotated[str, _prefixed_id("usr")]
+WorkspaceId = Annotated[str, _prefixed_id("ws")]
+ApiKeyId = Annotated[str, _prefixed_id("key")]
+SubscriptionId = Annotated[str, _prefixed_id("sub")]
+PaymentId = Annotated[str, _prefixed_id("pay")]
+EmailId = Annotated[str, _prefixed_id("eml")]
+CommentId = Annotated[str, _prefixed_id("cmt")]
+ReportId = Annotated[str, _prefixed_id("rpt")]
+DocumentId = Annotated[str, _prefixed_id("doc")]
+
+Email = Annotated[str, Field(max_length=254)]
+"""An email address (the schemas check ``format: email``)."""
+Url = Annotated[str, Field(max_length=2048)]
+"""An absolute URL (the schemas check ``format: uri``)."""
+Locale = Annotated[str, Field(pattern=r"^[a-z]{2}-[A-Z]{2}$")]
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+MessageId = Annotated[str, Field(min_length=3, max_length=250, pattern=r"^<[^<>@\s]+@[^<>@\s]+>$")]
+Timestamp = AwareDatetime
+"""A timezone-aware datetime (RFC 3339 ``date-time`` on the wire)."""
+
+Plan = Literal["free", "starter", "pro"]
+PaidPlan = Literal["starter", "pro"]
+Role = Literal["member", "admin", "owner"]
+Template = Literal["welcome", "subscription_activated", "notification"]
+
+
+class Payload(BaseModel):
+    """The ``data`` of one event type and version; subclasses set ``event_type`` and ``version``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_type: ClassVar[str]
+    """The catalog type, ``user.created``."""
+    version: ClassVar[int]
+    """The major version, ``1``."""
+    routing_key: ClassVar[str]
+    """``user.created.v1``: set from ``event_type`` and ``version`` for every subclass."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "event_type" in cls.__dict__ or "version" in cls.__dict__:
+            cls.routing_key = f"{cls.event_type}.v{cls.version}"
+
+
+class UserCreatedV1(Payload):
+    """A user signed up (deprecated: superseded by v2)."""
+
+    event_type: ClassVar[str] = "user.created"
+    version: ClassVar[int] = 1
+
+    user_id: UserId
+    email: Email
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    plan: Plan
+    locale: Locale
+    created_at: Timestamp
+
+
+class UserCreatedV2(Payload):
+    """A user signed up."""
+
+    event_type: ClassVar[str] = "user.created"
+    version: ClassVar[int] = 2
+
+    user_id: UserId
+    email: Email
+    given_name: Annotated[str, Field(min_length=1, max_length=200)]
+    family_name: Annotated[str, Field(max_length=200)]
+    plan: Plan
+    locale: Locale
+    created_at: Timestamp
+
+
+class UserEmailChangedV1(Payload):
+    """A user changed their email address."""
+
+    event_type: ClassVar[str] = "user.email_changed"
+    version: ClassVar[int] = 1
+
+    user_id: UserId
+    old_email: Email
+    new_email: Email
+    changed_at: Timestamp
+
+
+class RoleChangedV1(Payload):
+    """A user's role changed; ``changed_by`` is absent when the system changed it."""
+
+    event_type: ClassVar[str] = "role.changed"
+    version: ClassVar[int] = 1
+
+    user_id: UserId
+    old_role: Role
+    new_role: Role
+    changed_by: UserId | None = None
+    changed_at: Timestamp
+
+
+class ApiKeyRevokedV1(Payload):
+    """An API key was revoked."""
+
+    event_type: ClassVar[str] = "api_key.revoked"
+    version: ClassVar[int] = 1
+
+    api_key_id: ApiKeyId
+    user_id: UserId
+    revoked_at: Timestamp
+
+
+class SubscriptionActivatedV1(Payload):
+    """A paid plan became active after a successful payment."""
+
+    event_type: ClassVar[str] = "subscription.activated"
+    version: ClassVar[int] = 1
+
+    subscription_id: SubscriptionId
+    user_id: UserId
+    plan: PaidPlan
+    payment_id: PaymentId
+    activated_at: Timestamp
+
+
+class WorkspaceCreatedV1(Payload):
+    """The first workspace of a new user was created."""
+
+    event_type: ClassVar[str] = "workspace.created"
+    version: ClassVar[int] = 1
+
+    workspace_id: WorkspaceId
+    owner_id: UserId
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    created_at: Timestamp
+
+
+class EmailSentV1(Payload):
+    """An email was accepted by the SMTP server."""
+
+    event_type: ClassVar[str] = "email.sent"
+    version: ClassVar[int] = 1
+
+    email_id: EmailId
+    message_id: MessageId
+    to: Email
+    template: Template
+    user_id: UserId | None = None
+    sent_at: Timestamp
+
+
+class EmailFailedV1(Payload):
+    """An email could not be delivered."""
+
+    event_type: ClassVar[str] = "email.failed"
+    version: ClassVar[int] = 1
+
+    email_id: EmailId
+    to: Email
+    template: Template
+    reason: Annotated[str, Field(max_length=500)]
+    permanent: bool
+    user_id: UserId | None = None
+    failed_at: Timestamp
+
+
+class PaymentSucceededV1(Payload):
+    """The payment provider confirmed a payment."""
+
+    event_type: ClassVar[str] = "payment.succeeded"
+    version: ClassVar[int] = 1
+
+    payment_id: PaymentId
+    user_id: UserId
+    amount_cents: Annotated[int, Field(ge=1)]
+    currency: Currency
+    plan: PaidPlan
+    provider_reference: Annotated[str, Field(min_length=1, max_length=100)]
+    paid_at: Timestamp
+
+
+class PaymentFailedV1(Payload):
+    """The payment provider reported a failed payment."""
+
+    event_type: ClassVar[str] = "payment.failed"
+    version: ClassVar[int] = 1
+
+    payment_id: PaymentId
+    user_id: UserId
+    amount_cents: Annotated[int, Field(ge=1)]
+    currency: Currency
+    reason: Annotated[str, Field(max_length=500)]
+    failed_at: Timestamp
+
+
+class CommentMentionedV1(Payload):
+    """A user was mentioned in a comment (produced outside this repo)."""
+
+    event_type: ClassVar[str] = "comment.mentioned"
+    version: ClassVar[int] = 1
+
+    comment_id: CommentId
+    document_id: DocumentId
+    author_user_id: UserId
+    mentioned_user_id: UserId
+    excerpt: Annotated[str, Field(max_length=280)]
+    url: Url
+    mentioned_at: Timestamp
+
+
+class ReportReadyV1(Payload):
+    """A report a user asked for is ready (produced outside this repo)."""
+
+    event_type: ClassVar[str] = "report.ready"
+    version: ClassVar[int] = 1
+
+    report_id: ReportId
+    user_id: UserId
+    report_name: Annotated[str, Field(min_length=1, max_length=200)]
+    url: Url
+    ready_at: Timestamp
+
+
+class EmailSendV1(Payload):
+    """Command: ask the email service to send one email."""
+
+    event_type: ClassVar[str] = "email.send"
+    version: ClassVar[int] = 1
+
+    request_id: uuid.UUID
+    to: Email
+    template: Template
+    subject: Annotated[str, Field(min_length=1, max_length=200)]
+    variables: dict[str, Annotated[str, Field(max_length=2000)]] | None = None
+    user_id: UserId | None = None
+    locale: Locale | None = None
+
+
+PAYLOAD_TYPES: dict[str, type[Payload]] = {
+    model.routing_key: model
+    for model in (
+        UserCreatedV1,
+        UserCreatedV2,
+        UserEmailChangedV1,
+        RoleChangedV1,
+        ApiKeyRevokedV1,
+        SubscriptionActivatedV1,
+        WorkspaceCreatedV1,
+        EmailSentV1,
+        EmailFailedV1,
+        PaymentSucceededV1,
+        PaymentFailedV1,
+        CommentMentionedV1,
+        ReportReadyV1,
+        EmailSendV1,
+    )
+}
+"""Every payload model, by routing key (``user.created.v1``)."""
+
+
+def payload_type(routing_key: str) -> type[Payload]:
+    """The model of ``user.created.v1``; :class:`UnknownPayload` if there is none."""
+    try:
+        return PAYLOAD_TYPES[routing_key]
+    except KeyError:
+        raise UnknownPayload(routing_key) from None

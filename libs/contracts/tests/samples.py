@@ -1,0 +1,135 @@
+"""One valid ``data`` payload per routing key, as it appears on the wire (JSON-ready values).
+
+Tests that need a realistic payload take it from here; use :func:`sample` for a private copy
+(optionally with fields replaced or removed) rather than mutating ``SAMPLES``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+USER_ID = "usr_0123456789"
+OTHER_USER_ID = "usr_9876543210"
+PAYMENT_ID = "pay_0123456789"
+
+SAMPLES: dict[str, dict[str, Any]] = {
+    "user.created.v1": {
+        "user_id": USER_ID,
+        "email": "ada@example.com",
+        "name": "Ada Lovelace",
+        "plan": "free",
+        "locale": "en-GB",
+        "created_at": "2026-01-01T00:00:00Z",
+    },
+    "user.created.v2": {
+        "user_id": USER_ID,
+        "email": "ada@example.com",
+        "given_name": "Ada",
+        "family_name": "Lovelace",
+        "plan": "free",
+        "locale": "en-GB",
+        "created_at": "2026-01-01T00:00:00Z",
+    },
+    "user.email_changed.v1": {
+        "user_id": USER_ID,
+        "old_email": "ada@example.com",
+        "new_email": "ada.lovelace@example.org",
+        "changed_at": "2026-01-02T09:30:00Z",
+    },
+    "role.changed.v1": {
+        "user_id": USER_ID,
+        "old_role": "member",
+        "new_role": "admin",
+        "changed_by": OTHER_USER_ID,
+        "changed_at": "2026-01-03T10:00:00+01:00",
+    },
+    "api_key.revoked.v1": {
+        "api_key_id": "key_0123456789",
+        "user_id": USER_ID,
+        "revoked_at": "2026-01-04T12:00:00Z",
+    },
+    "subscription.activated.v1": {
+        "subscription_id": "sub_0123456789",
+        "user_id": USER_ID,
+        "plan": "pro",
+        "payment_id": PAYMENT_ID,
+        "activated_at": "2026-01-05T08:00:01Z",
+    },
+    "workspace.created.v1": {
+        "workspace_id": "ws_0123456789",
+        "owner_id": USER_ID,
+        "name": "Ada's workspace",
+        "created_at": "2026-01-01T00:00:02Z",
+    },
+    "email.sent.v1": {
+        "email_id": "eml_0123456789",
+        "message_id": "<eml_0123456789@mail.tributary.dev>",
+        "to": "ada@example.com",
+        "template": "welcome",
+        "user_id": USER_ID,
+        "sent_at": "2026-01-01T00:00:05Z",
+    },
+    "email.failed.v1": {
+        "email_id": "eml_9876543210",
+        "to": "nobody@example.com",
+        "template": "notification",
+        "reason": "550 5.1.1 mailbox unavailable",
+        "permanent": True,
+        "user_id": OTHER_USER_ID,
+        "failed_at": "2026-01-06T07:00:00Z",
+    },
+    "payment.succeeded.v1": {
+        "payment_id": PAYMENT_ID,
+        "user_id": USER_ID,
+        "amount_cents": 1900,
+        "currency": "EUR",
+        "plan": "pro",
+        "provider_reference": "ch_3PZx0123456789",
+        "paid_at": "2026-01-05T08:00:00Z",
+    },
+    "payment.failed.v1": {
+        "payment_id": "pay_9876543210",
+        "user_id": USER_ID,
+        "amount_cents": 900,
+        "currency": "EUR",
+        "reason": "card_declined",
+        "failed_at": "2026-01-05T07:59:00Z",
+    },
+    "comment.mentioned.v1": {
+        "comment_id": "cmt_0123456789",
+        "document_id": "doc_0123456789",
+        "author_user_id": OTHER_USER_ID,
+        "mentioned_user_id": USER_ID,
+        "excerpt": "@Ada could you check the numbers in section 2?",
+        "url": "https://app.tributary.dev/docs/doc_0123456789#cmt_0123456789",
+        "mentioned_at": "2026-01-07T15:20:00Z",
+    },
+    "report.ready.v1": {
+        "report_id": "rpt_0123456789",
+        "user_id": USER_ID,
+        "report_name": "Q4 revenue by plan",
+        "url": "https://app.tributary.dev/reports/rpt_0123456789.csv",
+        "ready_at": "2026-01-08T06:00:00Z",
+    },
+    "email.send.v1": {
+        "request_id": "0f8fad5b-d9cb-469f-a165-70867728950e",
+        "to": "ada@example.com",
+        "template": "welcome",
+        "subject": "Welcome to Tributary, Ada",
+        "variables": {"given_name": "Ada", "plan": "free"},
+        "user_id": USER_ID,
+        "locale": "en-GB",
+    },
+}
+
+
+def sample(routing_key: str, **changes: Any) -> dict[str, Any]:
+    """A deep copy of the sample of ``routing_key``; a change to ``None`` removes the field."""
+    data = copy.deepcopy(SAMPLES[routing_key])
+    for name, value in changes.items():
+        if value is None:
+            data.pop(name, None)
+        else:
+            data[name] = value
+    return data

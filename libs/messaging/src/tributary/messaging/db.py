@@ -1,0 +1,118 @@
+"""Database engines (SQLite and PostgreSQL) and the runtime's own tables: outbox and inbox."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, LargeBinary, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlmodel import Field, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+
+def utcnow() -> datetime:
+    """Naive UTC: stored the same way on SQLite and PostgreSQL."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _ts(*, nullable: bool, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(DateTime(), nullable=nullable, index=index))
+
+
+class OutboxRow(SQLModel, table=True):
+    """An event committed with the domain change that caused it, waiting for the relay."""
+
+    __tablename__ = "tributary_outbox"
+    __table_args__ = (Index("ix_tributary_outbox_pending", "published_at", "seq"),)
+
+    seq: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    event_id: str = Field(max_length=200, unique=True)
+    routing_key: str = Field(max_length=200)
+    body: bytes = Field(sa_column=Column(LargeBinary(), nullable=False))
+    trace_headers: str = Field(default="{}")
+    """W3C trace context of the request or event that wrote the row (JSON)."""
+    correlation_id: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(), nullable=False)
+    )
+    published_at: datetime | None = _ts(nullable=True)
+    attempts: int = 0
+    next_attempt_at: datetime | None = _ts(nullable=True)
+    last_error: str | None = Field(default=None, max_length=1000)
+
+
+class InboxRow(SQLModel, table=True):
+    """An event this service has handled: the key it is deduplicated on, and its payload hash."""
+
+    __tablename__ = "tributary_inbox"
+
+    key: str = Field(primary_key=True, max_length=400)
+    payload_hash: str = Field(max_length=64)
+    event_id: str = Field(max_length=200)
+    event_type: str = Field(max_length=200)
+    processed_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(), nullable=False)
+    )
+
+
+class OutboxLease(SQLModel, table=True):
+    """Single-writer lease for relays sharing an SQLite file (PostgreSQL uses SKIP LOCKED)."""
+
+    __tablename__ = "tributary_outbox_lease"
+
+    name: str = Field(primary_key=True, max_length=100)
+    owner: str = Field(max_length=100)
+    expires_at: datetime = Field(sa_column=Column(DateTime(), nullable=False))
+
+
+RUNTIME_TABLES = [
+    SQLModel.metadata.tables[name]
+    for name in ("tributary_outbox", "tributary_inbox", "tributary_outbox_lease")
+]
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL + NORMAL: durable across a process crash (not across power loss); see the README
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An async engine for ``sqlite+aiosqlite:///…`` or ``postgresql+asyncpg://…``."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 10)
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_async_engine(url, **kwargs)
+
+
+def is_sqlite(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+
+async def create_runtime_tables(engine: AsyncEngine) -> None:
+    """Create the outbox/inbox tables (tests and quick starts; services use migrations)."""
+    async with engine.begin() as conn:
+        await conn.run_sync(lambda c: SQLModel.metadata.create_all(c, tables=RUNTIME_TABLES))

@@ -1,0 +1,73 @@
+"""AMQP headers the runtime sets, and copying a delivery for a retry queue or a DLQ."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+REASON = "x-tributary-reason"
+ERROR = "x-tributary-error"
+CONSUMER = "x-tributary-consumer"
+ATTEMPTS = "x-tributary-attempts"
+RETRIES = "x-tributary-retries"
+FIRST_FAILURE = "x-tributary-first-failure"
+LAST_FAILURE = "x-tributary-last-failure"
+ROUTING_KEY = "x-tributary-routing-key"
+REPLAY = "x-tributary-replay"
+
+# broker bookkeeping that must not travel with a copy (it would accumulate)
+_DROP = ("x-death", "x-delivery-count", "x-first-death-", "x-last-death-")
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def header(message: AbstractIncomingMessage, name: str, default: Any = None) -> Any:
+    return (message.headers or {}).get(name, default)
+
+
+def int_header(message: AbstractIncomingMessage, name: str) -> int:
+    try:
+        return int(text(header(message, name, 0)))
+    except ValueError:
+        return 0
+
+
+def original_routing_key(message: AbstractIncomingMessage) -> str:
+    """The routing key it was first published with (a retried copy arrives under another)."""
+    return text(header(message, ROUTING_KEY) or message.routing_key or "")
+
+
+def is_replay(message: AbstractIncomingMessage) -> bool:
+    return text(header(message, REPLAY, "")).lower() in {"1", "true", "yes"}
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def copy_of(message: AbstractIncomingMessage, extra: Mapping[str, Any]) -> aio_pika.Message:
+    """The same body and properties, broker bookkeeping dropped, ``extra`` headers added."""
+    headers = {
+        k: v
+        for k, v in (message.headers or {}).items()
+        if not k.startswith(_DROP) and k != "x-death"
+    }
+    headers.update(extra)
+    return aio_pika.Message(
+        message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        type=message.type,
+        correlation_id=message.correlation_id,
+        app_id=message.app_id,
+        timestamp=message.timestamp,
+        headers=headers,
+    )

@@ -1,0 +1,39 @@
+"""Messaging settings, read from the environment at start-up."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MessagingSettings(BaseSettings):
+    """Broker, consumer and outbox knobs; every field can be set as ``TRIBUTARY_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="TRIBUTARY_", extra="ignore", frozen=True)
+
+    rabbitmq_url: str = Field(
+        default="amqp://guest:guest@127.0.0.1:5672/",
+        validation_alias=AliasChoices("RABBITMQ_URL", "TRIBUTARY_RABBITMQ_URL"),
+    )
+    name_prefix: str = ""
+    """Prefix for every exchange and queue name (isolates test runs on a shared broker)."""
+    prefetch: int = Field(default=256, ge=1)
+    concurrency: int = Field(default=1, ge=1)
+    """Worker tasks per queue; each handles one batch at a time."""
+    batch_max: int = Field(default=100, ge=1)
+    """Deliveries handled in one transaction when they are already waiting; 1 = off."""
+    inprocess_retries: int = Field(default=3, ge=1)
+    """Attempts inside the process (with backoff and jitter) before a delayed retry."""
+    inprocess_backoff_seconds: float = Field(default=0.05, ge=0)
+    retry_tiers: tuple[float, ...] = (1.0, 10.0, 60.0)
+    """Delays (seconds) of the delayed-retry queues ``<service>.retry.<n>``."""
+    delivery_limit: int = Field(default=10, ge=1)
+    """Quorum-queue redeliveries before the broker dead-letters a message (crash loops)."""
+    publish_in_flight: int = Field(default=256, ge=1)
+    outbox_batch: int = Field(default=500, ge=1)
+    outbox_poll_seconds: float = Field(default=1.0, gt=0)
+    """Fallback poll for rows committed by other processes; commits here wake the relay."""
+    outbox_replay_window_hours: float = Field(default=168.0, ge=0)
+    """How long published outbox rows are kept for replay before the purge."""
+    outbox_purge_seconds: float = Field(default=300.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)

@@ -1,0 +1,109 @@
+"""Unit of work: domain rows and outbox rows commit in one transaction."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from opentelemetry import propagate
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from tributary.contracts.envelope import CloudEvent, new_event
+from tributary.contracts.events import Payload
+from tributary.contracts.validation import validate
+from tributary.messaging import context
+from tributary.messaging.db import OutboxRow
+
+
+class Outbox:
+    """Collects events to publish; they are written into the session's transaction."""
+
+    def __init__(self, session: AsyncSession, source: str) -> None:
+        self._session = session
+        self._source = source
+        self.added = 0
+
+    def add(
+        self,
+        payload: Payload,
+        *,
+        subject: str | None = None,
+        idempotency_key: str | None = None,
+        event_id: str | None = None,
+    ) -> CloudEvent[Payload]:
+        """Validate ``payload`` strictly and stage it, with the current correlation and trace."""
+        ctx = context.current()
+        data = payload.model_dump(mode="json", exclude_none=True)
+        validate(payload.routing_key, data, "strict")
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        event = new_event(
+            routing_key=payload.routing_key,
+            source=self._source,
+            data=payload,
+            subject=subject,
+            idempotencykey=idempotency_key,
+            correlationid=ctx.correlation_id or context.new_correlation_id(),
+            causationid=ctx.causation_id,
+            event_id=event_id,
+        )
+        if tp := carrier.get("traceparent"):
+            event = event.model_copy(update={"traceparent": tp})
+        self._session.add(
+            OutboxRow(
+                event_id=event.id,
+                routing_key=payload.routing_key,
+                body=event.to_bytes(),
+                trace_headers=json.dumps(carrier),
+                correlation_id=event.correlationid,
+            )
+        )
+        self.added += 1
+        return event
+
+
+class UnitOfWork:
+    """``async with uow: …; await uow.commit()`` — state and outbox commit together.
+
+    Handlers receive one that the runtime commits (with the inbox row) after they return.
+    """
+
+    def __init__(
+        self,
+        session: AsyncSession,
+        source: str,
+        on_commit: Callable[[], Any] | None = None,
+    ) -> None:
+        self.session = session
+        self.outbox = Outbox(session, source)
+        self._on_commit = on_commit
+
+    @property
+    def is_replay(self) -> bool:
+        """True while handling a replayed delivery: suppress irreversible side effects."""
+        return context.current().is_replay
+
+    async def commit(self) -> None:
+        await self.session.commit()
+        if self.outbox.added and self._on_commit is not None:
+            self._on_commit()
+        self.outbox.added = 0
+
+    async def rollback(self) -> None:
+        await self.session.rollback()
+        self.outbox.added = 0
+
+    async def __aenter__(self) -> UnitOfWork:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # uncommitted work is rolled back, never committed by accident
+        await self.rollback()
+        await self.session.close()
