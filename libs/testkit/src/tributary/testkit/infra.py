@@ -109,3 +109,29 @@ def find_postgres(stack: ExitStack) -> Found:
         "no PostgreSQL: set TEST_POSTGRES_URL, or install PostgreSQL "
         "(apt-get install postgresql) or Docker (for testcontainers)"
     )
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def create_postgres_database(server_url: str, name: str) -> str:
+    """Create database ``name`` on the server of ``server_url``; returns its SQLAlchemy URL."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    conn = await asyncpg.connect(_asyncpg_dsn(server_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def drop_postgres_database(server_url: str, name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(_asyncpg_dsn(server_url))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()

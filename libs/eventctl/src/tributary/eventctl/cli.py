@@ -1,0 +1,142 @@
+"""``eventctl``: the operator CLI.
+
+Commands are grouped (``eventctl <group> <command>``) so that more groups (``dlq``,
+``replay``) can be added next to ``contracts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tributary.contracts.catalog import CatalogError
+from tributary.contracts.compat import (
+    GitError,
+    UpcasterExists,
+    check_catalogs,
+    compared_versions,
+    default_base,
+    materialize_ref,
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_ERROR = 2
+
+
+def _upcaster_exists() -> UpcasterExists:
+    try:
+        from tributary.contracts.upcasting import has_upcaster
+    except ImportError:
+        return lambda type_name, from_version: False
+    return has_upcaster
+
+
+def _git_toplevel(cwd: Path) -> Path | None:
+    proc = subprocess.run(
+        ["git", "-C", str(cwd), "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    out = proc.stdout.strip()
+    return Path(out) if proc.returncode == 0 and out else None
+
+
+def _subdir(contracts: Path, repo: Path) -> str:
+    """Where ``contracts`` lives inside ``repo`` (the same path is read at the base ref)."""
+    try:
+        return contracts.resolve().relative_to(repo.resolve()).as_posix()
+    except ValueError:
+        return "contracts"
+
+
+def _contracts_check(args: argparse.Namespace) -> int:
+    repo: Path | None = args.repo or _git_toplevel(Path.cwd())
+    if repo is None:
+        print("eventctl: not inside a git repository; pass --repo", file=sys.stderr)
+        return EXIT_ERROR
+    contracts: Path = args.contracts or repo / "contracts"
+    if not (contracts / "catalog.yaml").is_file():
+        print(f"eventctl: {contracts / 'catalog.yaml'} not found", file=sys.stderr)
+        return EXIT_ERROR
+
+    base: str | None = args.against or default_base(repo)
+    if base is None:
+        print("contracts OK: no base revision to compare against (first commit?); 0 checked")
+        return EXIT_OK
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="eventctl-contracts-") as tmp:
+            old_root = materialize_ref(repo, base, Path(tmp), subdir=_subdir(contracts, repo))
+            if old_root is None:
+                print(f"contracts OK: {base} has no contracts to compare against; 0 checked")
+                return EXIT_OK
+            findings = check_catalogs(old_root, contracts, upcaster_exists=_upcaster_exists())
+            compared = len(compared_versions(old_root, contracts))
+    except (GitError, CatalogError, OSError, json.JSONDecodeError) as exc:
+        print(f"eventctl: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+    if findings:
+        for finding in findings:
+            print(finding, file=sys.stderr)
+        print(
+            f"{len(findings)} incompatible contract change(s) against {base}",
+            file=sys.stderr,
+        )
+        return EXIT_FINDINGS
+    print(f"contracts OK: compatible with {base}; {compared} version(s) compared")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eventctl", description="Tributary operator CLI.")
+    groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
+
+    contracts = groups.add_parser("contracts", help="event contract tooling")
+    contracts_cmds = contracts.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    check = contracts_cmds.add_parser(
+        "check",
+        help="fail on breaking changes to contracts/ since a git revision",
+        description=(
+            "Compare the working tree's contracts with a git revision and report every "
+            "breaking change. Exit 0 when compatible, 1 on findings, 2 on errors."
+        ),
+    )
+    check.add_argument(
+        "--against",
+        metavar="GIT_REF",
+        help="revision to compare with (default: merge-base with main, on main HEAD~1)",
+    )
+    check.add_argument(
+        "--repo",
+        type=Path,
+        metavar="PATH",
+        help="git repository (default: the toplevel of the current directory)",
+    )
+    check.add_argument(
+        "--contracts",
+        type=Path,
+        metavar="DIR",
+        help="contracts directory to check (default: <repo>/contracts)",
+    )
+    check.set_defaults(handler=_contracts_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

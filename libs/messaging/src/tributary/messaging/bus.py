@@ -1,0 +1,161 @@
+"""A service's messaging: connection, topology, publisher, outbox relay and consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tributary.contracts.catalog import catalog
+from tributary.contracts.events import Payload
+from tributary.messaging.consumer import (
+    Handler,
+    OutcomeListener,
+    QueueConsumer,
+    Subscription,
+)
+from tributary.messaging.db import session_factory
+from tributary.messaging.publisher import Publisher
+from tributary.messaging.relay import OutboxRelay
+from tributary.messaging.settings import MessagingSettings
+from tributary.messaging.topology import Names, QueueSet, declare_exchanges, declare_queue_set
+from tributary.messaging.uow import UnitOfWork
+
+log = logging.getLogger("tributary.messaging.bus")
+
+Handlers = Mapping[type[Payload], Handler]
+
+
+class Bus:
+    """Everything a service needs to produce and consume events.
+
+    ``handlers`` subscribe the service's work queue ``<service>.events`` to those event types
+    (every version; older ones are upcast to the handler's). ``commands`` consume the command
+    queue named after each command type (``email.send``).
+    """
+
+    def __init__(
+        self,
+        service: str,
+        engine: AsyncEngine,
+        *,
+        handlers: Handlers | None = None,
+        commands: Handlers | None = None,
+        settings: MessagingSettings | None = None,
+    ) -> None:
+        self.service = service
+        self.engine = engine
+        self.settings = settings or MessagingSettings()
+        self.names = Names(self.settings.name_prefix)
+        self._handlers = dict(handlers or {})
+        self._commands = dict(commands or {})
+        self._sessions = session_factory(engine)
+        self._connection: AbstractRobustConnection | None = None
+        self.publisher: Publisher | None = None
+        self.relay: OutboxRelay | None = None
+        self.consumers: list[QueueConsumer] = []
+        self.listeners: list[OutcomeListener] = []
+        self._relay_task: asyncio.Task[None] | None = None
+
+    def _subscriptions(self, handlers: Handlers) -> dict[str, Subscription]:
+        subs: dict[str, Subscription] = {}
+        for payload_type, handler in handlers.items():
+            spec = catalog().type(payload_type.event_type)
+            subs[spec.name] = Subscription(
+                payload_type=payload_type,
+                handler=handler,
+                irreversible=spec.is_irreversible_for(self.service),
+            )
+        return subs
+
+    def _queue_sets(self) -> list[tuple[QueueSet, dict[str, Subscription]]]:
+        tiers = len(self.settings.retry_tiers)
+        sets: list[tuple[QueueSet, dict[str, Subscription]]] = []
+        if self._handlers:
+            sets.append(
+                (
+                    self.names.service_queues(self.service, tiers),
+                    self._subscriptions(self._handlers),
+                )
+            )
+        for payload_type, handler in self._commands.items():
+            qs = self.names.command_queues(payload_type.event_type, tiers)
+            sets.append((qs, self._subscriptions({payload_type: handler})))
+        return sets
+
+    async def start(self, *, consume: bool = True) -> None:
+        """Connect, declare the topology, start the relay and (unless told not to) consumers."""
+        self._connection = await aio_pika.connect_robust(
+            self.settings.rabbitmq_url,
+            client_properties={"connection_name": f"tributary-{self.service}"},
+        )
+        await declare_exchanges(self._connection, self.names)
+        queue_sets = self._queue_sets()
+        for qs, subs in queue_sets:
+            await declare_queue_set(
+                self._connection,
+                self.names,
+                qs,
+                binding_keys=[f"{name}.*" for name in subs],
+                tier_seconds=self.settings.retry_tiers,
+                delivery_limit=self.settings.delivery_limit,
+            )
+        self.publisher = Publisher(self._connection, in_flight=self.settings.publish_in_flight)
+        await self.publisher.open()
+        self.relay = OutboxRelay(
+            self.engine,
+            self.publisher,
+            service=self.service,
+            names=self.names,
+            settings=self.settings,
+        )
+        self._relay_task = asyncio.create_task(self.relay.run(), name=f"{self.service}-relay")
+        if consume:
+            for qs, subs in queue_sets:
+                consumer = QueueConsumer(
+                    service=self.service,
+                    queues=qs,
+                    subscriptions=subs,
+                    engine=self.engine,
+                    publisher=self.publisher,
+                    names=self.names,
+                    settings=self.settings,
+                    on_commit=self.relay.notify,
+                    listeners=self.listeners,
+                )
+                await consumer.start(self._connection)
+                self.consumers.append(consumer)
+
+    async def stop(self) -> None:
+        """Graceful: stop consuming, finish in-flight batches, flush the relay, close."""
+        for consumer in self.consumers:
+            await consumer.stop()
+        self.consumers.clear()
+        if self.relay is not None and self._relay_task is not None:
+            self.relay.stop()
+            try:
+                await asyncio.wait_for(self._relay_task, self.settings.shutdown_grace_seconds)
+            except TimeoutError:
+                self._relay_task.cancel()
+        if self.publisher is not None:
+            await self.publisher.close()
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    def unit_of_work(self) -> UnitOfWork:
+        """A unit of work for request handlers; committing wakes the relay."""
+        on_commit = self.relay.notify if self.relay is not None else None
+        return UnitOfWork(self._sessions(), f"/services/{self.service}", on_commit=on_commit)
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    @property
+    def consuming(self) -> bool:
+        return all(c.running for c in self.consumers)

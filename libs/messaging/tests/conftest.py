@@ -1,0 +1,55 @@
+"""Fixtures: a fresh database per test (SQLite file or PostgreSQL database), isolated topology."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import Field, SQLModel
+
+from tributary.messaging.db import create_engine, create_runtime_tables
+from tributary.testkit.infra import Found, create_postgres_database, drop_postgres_database
+
+
+class Thing(SQLModel, table=True):
+    """The one domain row the test handlers write."""
+
+    __tablename__ = "test_things"
+
+    event_id: str = Field(primary_key=True)
+    user_id: str
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty database: an SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+        return
+    server: Found = request.getfixturevalue("postgres")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    url = await create_postgres_database(server.url, name)
+    yield url
+    await drop_postgres_database(server.url, name)
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(database_url)
+    await create_runtime_tables(engine)
+    async with engine.begin() as conn:
+        await conn.run_sync(
+            lambda c: SQLModel.metadata.create_all(
+                c, tables=[SQLModel.metadata.tables["test_things"]]
+            )
+        )
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def broker_url(rabbitmq: Found) -> str:
+    return rabbitmq.url
