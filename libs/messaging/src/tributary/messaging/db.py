@@ -14,8 +14,13 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 
 def utcnow() -> datetime:
-    """Naive UTC: stored the same way on SQLite and PostgreSQL."""
+    """Naive UTC, for the runtime's own tables: stored the same way on SQLite and PostgreSQL."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def now() -> datetime:
+    """Aware UTC, for domain tables (SQLModel stores ``datetime`` fields as aware UTC)."""
+    return datetime.now(UTC)
 
 
 def _ts(*, nullable: bool, index: bool = False) -> Any:

@@ -1,0 +1,1 @@
+"""What every Tributary service shares: settings, the app factory, health, migrations."""

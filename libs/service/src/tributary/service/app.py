@@ -1,0 +1,149 @@
+"""The app factory: a FastAPI app whose lifespan builds engine, bus and consumers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel.ext.asyncio.session import AsyncSession
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from tributary.messaging.bus import Bus, Handlers
+from tributary.messaging.db import create_engine, session_factory
+from tributary.messaging.settings import MessagingSettings
+from tributary.messaging.uow import UnitOfWork
+from tributary.service import migrations
+from tributary.service.correlation import CorrelationMiddleware
+from tributary.service.settings import ServiceSettings
+
+log = logging.getLogger("tributary.service")
+
+Startup = Callable[[AsyncExitStack, FastAPI], Awaitable[None]]
+
+
+@dataclass
+class ServiceSpec:
+    """What a service is made of; ``create_app`` turns it into a running FastAPI app."""
+
+    name: str
+    settings: ServiceSettings
+    migrations: Path
+    routers: Sequence[APIRouter] = ()
+    handlers: Handlers = field(default_factory=dict)
+    commands: Handlers = field(default_factory=dict)
+    messaging: MessagingSettings | None = None
+    startup: Startup | None = None
+    """Extra resources (SMTP clients...) entered on the lifespan's exit stack."""
+    description: str = ""
+
+
+async def _start_bus(bus: Bus) -> None:
+    """Wait for the broker at start-up (compose starts us together), then start."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(OSError),
+        wait=wait_exponential(multiplier=0.5, max=5),
+        stop=stop_after_delay(60),
+        reraise=True,
+    ):
+        with attempt:
+            await bus.start()
+
+
+def create_app(spec: ServiceSpec) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            await migrations.upgrade(spec.migrations, spec.settings.database_url)
+            engine = create_engine(spec.settings.database_url)
+            stack.push_async_callback(engine.dispose)
+            app.state.engine = engine
+            app.state.sessions = session_factory(engine)
+            if spec.startup is not None:
+                await spec.startup(stack, app)
+            bus = Bus(
+                spec.name,
+                engine,
+                handlers=spec.handlers,
+                commands=spec.commands,
+                settings=spec.messaging or MessagingSettings(),
+            )
+            app.state.bus = bus
+            await _start_bus(bus)
+            stack.push_async_callback(bus.stop)
+            log.info("%s ready", spec.name)
+            yield
+
+    app = FastAPI(
+        title=f"Tributary {spec.name}",
+        description=spec.description,
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(CorrelationMiddleware)
+    app.include_router(health_router())
+    for router in spec.routers:
+        app.include_router(router)
+    return app
+
+
+def health_router() -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/health/live")
+    async def live() -> dict[str, str]:
+        """The process answers."""
+        return {"status": "ok"}
+
+    @router.get("/health/ready", response_model=None)
+    async def ready(request: Request) -> JSONResponse:
+        """Database reachable, broker connected, consumers running."""
+        checks: dict[str, bool] = {"database": False, "broker": False, "consumers": False}
+        engine: AsyncEngine | None = getattr(request.app.state, "engine", None)
+        bus: Bus | None = getattr(request.app.state, "bus", None)
+        if engine is not None:
+            try:
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                checks["database"] = True
+            except Exception as exc:
+                log.warning("readiness: database: %s", type(exc).__name__)
+        if bus is not None:
+            checks["broker"] = bus.connected
+            checks["consumers"] = bus.consuming
+        ok = all(checks.values())
+        body: dict[str, Any] = {"status": "ready" if ok else "not ready", "checks": checks}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    return router
+
+
+# -- dependencies for routes -----------------------------------------------------------------
+
+
+def get_bus(request: Request) -> Bus:
+    bus: Bus = request.app.state.bus
+    return bus
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """A read session (writes go through a unit of work)."""
+    async with request.app.state.sessions() as session:
+        yield session
+
+
+async def get_uow(bus: Annotated[Bus, Depends(get_bus)]) -> AsyncIterator[UnitOfWork]:
+    async with bus.unit_of_work() as uow:
+        yield uow
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+UowDep = Annotated[UnitOfWork, Depends(get_uow)]
+BusDep = Annotated[Bus, Depends(get_bus)]

@@ -1,0 +1,15 @@
+"""Base settings of a service; each service subclasses with its own env names (README §10)."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Subclasses declare ``database_url`` and ``port`` with their ``<SERVICE>_*`` aliases."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    database_url: str
+    host: str = "127.0.0.1"
+    port: int

@@ -1,0 +1,1 @@
+"""Onboarding service: one workspace per new user."""

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from tributary.messaging.testing import (
+    OutcomeRecorder,
+    delete_prefixed,
+    isolated_settings,
+    publish_raw,
+)
+from tributary.onboarding.app import create_app
+from tributary.onboarding.settings import Settings
+from tributary.service.testing import running
+from tributary.testkit.infra import Found
+
+from .test_handlers import user_created
+
+
+async def test_a_published_sign_up_shows_up_as_a_workspace(tmp_path: Path, rabbitmq: Found) -> None:
+    messaging = isolated_settings(rabbitmq.url)
+    app = create_app(
+        Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'onboarding.db'}", port=0),
+        messaging,
+    )
+    recorder = OutcomeRecorder()
+    try:
+        async with running(app) as client:
+            app.state.bus.listeners.append(recorder)
+            assert (await client.get("/health/ready")).json()["status"] == "ready"
+            event = user_created("usr_api0000001")
+            await publish_raw(
+                rabbitmq.url, app.state.bus.names, "user.created.v2", event.to_bytes()
+            )
+            await recorder.wait_until_handled(event.id)
+            found = (await client.get("/workspaces", params={"owner_id": "usr_api0000001"})).json()
+            assert [w["owner_id"] for w in found] == ["usr_api0000001"]
+            assert (await client.get(f"/workspaces/{found[0]['id']}")).status_code == 200
+            assert (await client.get("/workspaces/ws_nope")).status_code == 404
+            assert (await client.get("/workspaces")).status_code == 422
+    finally:
+        names = app.state.bus.names
+        qs = names.service_queues("onboarding", len(messaging.retry_tiers))
+        await delete_prefixed(rabbitmq.url, names, [qs.work, qs.dlq, *qs.retries])
