@@ -1,0 +1,1 @@
+"""Audit: append-only, hash-chained, PII-masked log of every event."""

@@ -1,0 +1,1 @@
+"""Email: the only service that talks SMTP."""
