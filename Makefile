@@ -33,7 +33,7 @@ contracts: sync  ## regenerate contracts/asyncapi.yaml from the catalog
 	$(RUN) python -m tributary.contracts.asyncapi --write
 
 dev: sync  ## every service as a local process (needs RABBITMQ_URL or a local broker)
-	@echo "no services yet: they arrive with the sign-up flow" >&2; exit 1
+	$(RUN) python scripts/dev.py
 
 demo:  ## the whole stack in Docker: docker compose up --build
 	docker compose up --build

@@ -152,6 +152,24 @@ class Bus:
         on_commit = self.relay.notify if self.relay is not None else None
         return UnitOfWork(self._sessions(), f"/services/{self.service}", on_commit=on_commit)
 
+    async def queue_depths(self, queues: list[str]) -> dict[str, int]:
+        """Ready messages per queue (passive declares on a short-lived channel)."""
+        if self._connection is None:
+            return {}
+        depths: dict[str, int] = {}
+        channel = await self._connection.channel()
+        try:
+            for name in queues:
+                declared = await channel.declare_queue(name, passive=True)
+                depths[name] = int(declared.declaration_result.message_count or 0)
+        finally:
+            await channel.close()
+        return depths
+
+    @property
+    def dead_letter_queues(self) -> list[str]:
+        return [c.queues.dlq for c in self.consumers]
+
     @property
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed

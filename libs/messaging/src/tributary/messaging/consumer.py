@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,6 +76,10 @@ class OutcomeRecord:
     outcome: Outcome
     reason: str | None = None
     replay: bool = False
+    duration: float | None = None
+    """Seconds the handler took (processed outcomes)."""
+    backlog: float | None = None
+    """Seconds from the event's time to the start of its handling."""
 
 
 @dataclass
@@ -85,6 +90,8 @@ class _Prepared:
     key: str
     digest: str
     ctx: context.MessageContext
+    backlog: float
+    duration: float | None = None
 
 
 def payload_hash(data: Mapping[str, Any]) -> str:
@@ -255,6 +262,7 @@ class QueueConsumer:
             where = ".".join(str(p) for p in first["loc"])
             raise Rejected("schema_invalid", f"data.{where}: {first['msg']}") from None
         return _Prepared(
+            backlog=max(0.0, time.time() - event.time.timestamp()),
             message=message,
             event=event.model_copy(update={"data": payload}),
             sub=sub,
@@ -320,7 +328,9 @@ class QueueConsumer:
                     attempts=p.ctx.attempt,
                 )
             else:
-                await self._ack(p.message, outcome, p.event.id, p.event.type, p.ctx.is_replay)
+                await self._ack(
+                    p.message, outcome, p.event.id, p.event.type, p.ctx.is_replay, prepared=p
+                )
 
     async def _single(self, p: _Prepared) -> None:
         attempts = 0
@@ -425,9 +435,19 @@ class QueueConsumer:
         event_type: str | None,
         replay: bool,
         reason: str | None = None,
+        prepared: _Prepared | None = None,
     ) -> None:
         await self._settle(message.ack())
-        record = OutcomeRecord(self.queues.consumer, event_id, event_type, outcome, reason, replay)
+        record = OutcomeRecord(
+            self.queues.consumer,
+            event_id,
+            event_type,
+            outcome,
+            reason,
+            replay,
+            duration=prepared.duration if prepared and outcome == "processed" else None,
+            backlog=prepared.backlog if prepared else None,
+        )
         for listener in self._listeners:
             listener(record)
 
