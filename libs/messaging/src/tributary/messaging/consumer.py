@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from aio_pika.abc import (
@@ -279,7 +279,7 @@ class QueueConsumer:
             ),
         )
 
-    async def _transact(self, items: list[_Prepared]) -> None:
+    async def _transact(self, items: list[_Prepared], attempt: int | None = None) -> None:
         """Handle ``items`` in one transaction: inbox check, handlers, inbox rows, commit, ack."""
         outcomes: list[Literal["processed", "duplicate", "conflict"]] = []
         produced = 0
@@ -326,6 +326,7 @@ class QueueConsumer:
                     "idempotency_conflict",
                     f"key {p.key!r} was processed before with a different payload",
                     attempts=p.ctx.attempt,
+                    prepared=p,
                 )
             else:
                 await self._ack(
@@ -338,10 +339,14 @@ class QueueConsumer:
             async for attempt in self._retrying.copy():
                 with attempt:
                     attempts += 1
-                    await self._transact([p])
+                    await self._transact([p], attempt=p.ctx.attempt + attempts - 1)
         except PermanentError as exc:
             await self._dead_letter(
-                p.message, "handler_error", _describe(exc), attempts=p.ctx.attempt + attempts - 1
+                p.message,
+                "handler_error",
+                _describe(exc),
+                attempts=p.ctx.attempt + attempts - 1,
+                prepared=p,
             )
         except Exception as exc:
             log.warning(
@@ -355,7 +360,7 @@ class QueueConsumer:
             await self._retry_later(p, exc, attempts)
 
     @contextmanager
-    def _scope(self, p: _Prepared) -> Iterator[None]:
+    def _scope(self, p: _Prepared, attempt: int | None = None) -> Iterator[None]:
         carrier = {k: headers.text(v) for k, v in (p.message.headers or {}).items()}
         with (
             tracer.start_as_current_span(
@@ -372,7 +377,7 @@ class QueueConsumer:
                     "cloudevents.event_type": p.event.type,
                 },
             ),
-            context.use(p.ctx),
+            context.use(p.ctx if attempt is None else replace(p.ctx, attempt=attempt)),
         ):
             yield
 
@@ -383,7 +388,9 @@ class QueueConsumer:
         retries = headers.int_header(message, headers.RETRIES)
         total = headers.int_header(message, headers.ATTEMPTS) + attempts
         if retries >= len(self.queues.retries):
-            await self._dead_letter(message, "retries_exhausted", _describe(exc), attempts=total)
+            await self._dead_letter(
+                message, "retries_exhausted", _describe(exc), attempts=total, prepared=p
+            )
             return
         copy = headers.copy_of(
             message,
@@ -403,7 +410,13 @@ class QueueConsumer:
         await self._ack(message, "retried", p.event.id, p.event.type, p.ctx.is_replay)
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, reason: DlqReason, detail: str, *, attempts: int
+        self,
+        message: AbstractIncomingMessage,
+        reason: DlqReason,
+        detail: str,
+        *,
+        attempts: int,
+        prepared: _Prepared | None = None,
     ) -> None:
         now = headers.now_iso()
         copy = headers.copy_of(
@@ -425,7 +438,19 @@ class QueueConsumer:
         log.warning(
             "dead-lettered %s from %s: %s", message.message_id, self.queues.consumer, reason
         )
-        await self._ack(message, "dead_lettered", message.message_id, message.type, False, reason)
+        if prepared is not None:
+            event_id, event_type, replay = (
+                prepared.event.id,
+                prepared.event.type,
+                prepared.ctx.is_replay,
+            )
+        else:
+            event_id, event_type, replay = (
+                message.message_id,
+                message.type,
+                headers.is_replay(message),
+            )
+        await self._ack(message, "dead_lettered", event_id, event_type, replay, reason)
 
     async def _ack(
         self,

@@ -20,6 +20,8 @@ from tributary.messaging.bus import Bus, Handlers
 from tributary.messaging.db import create_engine, session_factory
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.uow import UnitOfWork
+from tributary.observability.metrics import ServiceMetrics
+from tributary.observability.tracing import instrument_app, instrument_engine, setup_tracing
 from tributary.service import migrations
 from tributary.service.correlation import CorrelationMiddleware
 from tributary.service.settings import ServiceSettings
@@ -58,11 +60,15 @@ async def _start_bus(bus: Bus) -> None:
 
 
 def create_app(spec: ServiceSpec) -> FastAPI:
+    setup_tracing(spec.name)
+    metrics = ServiceMetrics(spec.name)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             await migrations.upgrade(spec.migrations, spec.settings.database_url)
             engine = create_engine(spec.settings.database_url)
+            instrument_engine(engine)
             stack.push_async_callback(engine.dispose)
             app.state.engine = engine
             app.state.sessions = session_factory(engine)
@@ -76,6 +82,7 @@ def create_app(spec: ServiceSpec) -> FastAPI:
                 settings=spec.messaging or MessagingSettings(),
             )
             app.state.bus = bus
+            bus.listeners.append(metrics.record)
             await _start_bus(bus)
             stack.push_async_callback(bus.stop)
             log.info("%s ready", spec.name)
@@ -88,7 +95,9 @@ def create_app(spec: ServiceSpec) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(CorrelationMiddleware)
+    instrument_app(app)  # outermost: the server span covers the correlation middleware
     app.include_router(health_router())
+    app.include_router(metrics.router())
     for router in spec.routers:
         app.include_router(router)
     return app

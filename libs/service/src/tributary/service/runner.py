@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import uvicorn
 from fastapi import FastAPI
 
+from tributary.observability.logs import setup_logging
 from tributary.service.settings import ServiceSettings
 
 
 def serve(app: FastAPI, settings: ServiceSettings) -> None:
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    setup_logging(app.title.removeprefix("Tributary "), os.environ.get("LOG_LEVEL", "INFO"))
     uvicorn.run(
         app,
         host=settings.host,

@@ -1,0 +1,109 @@
+"""A consumer process that the fault tests start, crash, kill and stop.
+
+    python fault_worker.py --db URL --broker URL --prefix P --service S --mode ok|crash|slow
+
+It consumes ``user.created`` into the table ``fault_things``, prints ``READY`` once it
+consumes, and on SIGTERM stops the bus gracefully and exits 0. ``crash`` kills the process
+(no cleanup at all) on a user id starting with :data:`CRASH_MARKER`; ``slow`` spends
+``--delay-ms`` in each handler, so that a signal finds a batch in hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import Field, SQLModel
+
+from tributary.contracts.envelope import CloudEvent
+from tributary.contracts.events import UserCreatedV2
+from tributary.messaging.bus import Bus
+from tributary.messaging.consumer import Handler
+from tributary.messaging.db import create_engine, create_runtime_tables
+from tributary.messaging.testing import isolated_settings
+from tributary.messaging.uow import UnitOfWork
+
+CRASH_MARKER = "usr_crash"
+READY = "READY"
+
+
+class FaultThing(SQLModel, table=True):
+    """One row per handled event: a second insert of the same event would fail."""
+
+    __tablename__ = "fault_things"
+
+    event_id: str = Field(primary_key=True)
+    user_id: str
+
+
+async def create_tables(engine: AsyncEngine) -> None:
+    """The runtime's tables and ``fault_things`` (idempotent)."""
+    await create_runtime_tables(engine)
+    async with engine.begin() as conn:
+        await conn.run_sync(
+            lambda c: SQLModel.metadata.create_all(
+                c, tables=[SQLModel.metadata.tables["fault_things"]]
+            )
+        )
+
+
+def handler_for(mode: str, delay_seconds: float) -> Handler:
+    async def on_user_created(event: CloudEvent[UserCreatedV2], uow: UnitOfWork) -> None:
+        if mode == "crash" and event.data.user_id.startswith(CRASH_MARKER):
+            os._exit(1)  # a segfault, an OOM kill: no except, no finally, no ack
+        if mode == "slow":
+            await asyncio.sleep(delay_seconds)
+        uow.session.add(FaultThing(event_id=event.id, user_id=event.data.user_id))
+
+    return on_user_created
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--broker", required=True)
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--service", required=True)
+    parser.add_argument("--mode", choices=("ok", "crash", "slow"), default="ok")
+    parser.add_argument("--delay-ms", type=float, default=20.0)
+    parser.add_argument("--delivery-limit", type=int, default=10)
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> int:
+    settings = isolated_settings(
+        args.broker, name_prefix=args.prefix, delivery_limit=args.delivery_limit
+    )
+    engine = create_engine(args.db)
+    await create_tables(engine)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    bus = Bus(
+        args.service,
+        engine,
+        handlers={UserCreatedV2: handler_for(args.mode, args.delay_ms / 1000)},
+        settings=settings,
+    )
+    await bus.start()
+    print(READY, flush=True)
+    await stop.wait()
+    await bus.stop()
+    await engine.dispose()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    return asyncio.run(run(parse_args(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

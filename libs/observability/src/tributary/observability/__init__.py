@@ -1,0 +1,1 @@
+"""Observability for Tributary services: traces, JSON logs, metrics."""

@@ -1,0 +1,124 @@
+"""Prometheus metrics of a service: ``GET /metrics``.
+
+Counters and histograms are fed by the consumer's outcome records; gauges (outbox pending and
+oldest age, DLQ depth) are read when scraped. One registry per app, so several apps can live in
+one process (tests).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from tributary.messaging.bus import Bus
+from tributary.messaging.consumer import OutcomeRecord
+
+log = logging.getLogger("tributary.observability")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_AGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+class ServiceMetrics:
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.published = Counter(
+            "tributary_events_published",
+            "Events published by the outbox relay",
+            ["service"],
+            registry=r,
+        )
+        self.unroutable = Counter(
+            "tributary_events_unroutable",
+            "Outbox publishes returned by the broker (kept in the outbox)",
+            ["service"],
+            registry=r,
+        )
+        self.consumed = Counter(
+            "tributary_events_consumed",
+            "Deliveries by outcome: processed, duplicate, retried, dead_lettered, replayed",
+            ["service", "consumer", "outcome"],
+            registry=r,
+        )
+        self.handler_seconds = Histogram(
+            "tributary_handler_duration_seconds",
+            "Handler run time",
+            ["service", "consumer", "type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backlog_seconds = Histogram(
+            "tributary_event_backlog_age_seconds",
+            "Age of an event (its time) when its handling started",
+            ["service", "consumer"],
+            buckets=_AGE_BUCKETS,
+            registry=r,
+        )
+        self.outbox_pending = Gauge(
+            "tributary_outbox_pending", "Outbox rows not yet published", ["service"], registry=r
+        )
+        self.outbox_oldest = Gauge(
+            "tributary_outbox_oldest_age_seconds",
+            "Age of the oldest unpublished outbox row (0 when none)",
+            ["service"],
+            registry=r,
+        )
+        self.dlq_depth = Gauge(
+            "tributary_dlq_depth", "Messages waiting in a dead-letter queue", ["queue"], registry=r
+        )
+        self._published_seen = 0
+        self._unroutable_seen = 0
+
+    def record(self, outcome: OutcomeRecord) -> None:
+        """An ``OutcomeListener``: add it to ``bus.listeners``."""
+        labels = (self.service, outcome.consumer)
+        self.consumed.labels(*labels, outcome.outcome).inc()
+        if outcome.replay:
+            self.consumed.labels(*labels, "replayed").inc()
+        if outcome.duration is not None:
+            self.handler_seconds.labels(*labels, outcome.event_type or "").observe(outcome.duration)
+        if outcome.backlog is not None:
+            self.backlog_seconds.labels(*labels).observe(outcome.backlog)
+
+    async def refresh(self, bus: Bus) -> None:
+        """Bring the read-on-scrape figures up to date."""
+        if bus.relay is not None:
+            stats = bus.relay.stats
+            self.published.labels(self.service).inc(stats.published - self._published_seen)
+            self.unroutable.labels(self.service).inc(stats.unroutable - self._unroutable_seen)
+            self._published_seen, self._unroutable_seen = stats.published, stats.unroutable
+            try:
+                count, oldest = await bus.relay.pending()
+                self.outbox_pending.labels(self.service).set(count)
+                self.outbox_oldest.labels(self.service).set(oldest or 0.0)
+            except Exception as exc:
+                log.warning("metrics: outbox not readable: %s", type(exc).__name__)
+        try:
+            for queue, depth in (await bus.queue_depths(bus.dead_letter_queues)).items():
+                self.dlq_depth.labels(queue).set(depth)
+        except Exception as exc:
+            log.warning("metrics: DLQ depth not readable: %s", type(exc).__name__)
+
+    def router(self) -> APIRouter:
+        router = APIRouter(tags=["observability"])
+
+        @router.get("/metrics", include_in_schema=True, response_class=Response)
+        async def metrics(request: Request) -> Response:
+            """Prometheus text exposition."""
+            bus: Bus | None = getattr(request.app.state, "bus", None)
+            if bus is not None:
+                await self.refresh(bus)
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return router
