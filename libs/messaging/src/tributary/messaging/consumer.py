@@ -438,18 +438,11 @@ class QueueConsumer:
         log.warning(
             "dead-lettered %s from %s: %s", message.message_id, self.queues.consumer, reason
         )
+        event_id: str | None = message.message_id
+        event_type: str | None = message.type
+        replay = headers.is_replay(message)
         if prepared is not None:
-            event_id, event_type, replay = (
-                prepared.event.id,
-                prepared.event.type,
-                prepared.ctx.is_replay,
-            )
-        else:
-            event_id, event_type, replay = (
-                message.message_id,
-                message.type,
-                headers.is_replay(message),
-            )
+            event_id, event_type = prepared.event.id, prepared.event.type
         await self._ack(message, "dead_lettered", event_id, event_type, replay, reason)
 
     async def _ack(
