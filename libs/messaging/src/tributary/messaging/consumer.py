@@ -301,8 +301,10 @@ class QueueConsumer:
                     outcomes.append("duplicate" if seen == p.digest else "conflict")
                     continue
                 uow = UnitOfWork(session, self._source)
-                with self._scope(p):
+                started = time.perf_counter()
+                with self._scope(p, attempt):
                     await p.sub.handler(p.event, uow)
+                p.duration = time.perf_counter() - started
                 produced += uow.outbox.added
                 known[p.key] = p.digest
                 rows.append(
@@ -363,6 +365,7 @@ class QueueConsumer:
     def _scope(self, p: _Prepared, attempt: int | None = None) -> Iterator[None]:
         carrier = {k: headers.text(v) for k, v in (p.message.headers or {}).items()}
         with (
+            context.use(p.ctx if attempt is None else replace(p.ctx, attempt=attempt)),
             tracer.start_as_current_span(
                 f"process {p.event.routing_key}",
                 context=propagate.extract(carrier),
@@ -377,7 +380,6 @@ class QueueConsumer:
                     "cloudevents.event_type": p.event.type,
                 },
             ),
-            context.use(p.ctx if attempt is None else replace(p.ctx, attempt=attempt)),
         ):
             yield
 

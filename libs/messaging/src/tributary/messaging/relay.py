@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tributary.contracts.catalog import NAMESPACE
+from tributary.messaging import context
 from tributary.messaging.db import OutboxLease, OutboxRow, is_sqlite, session_factory, utcnow
 from tributary.messaging.errors import Unroutable
 from tributary.messaging.publisher import Publisher, event_message
@@ -146,18 +148,26 @@ class OutboxRelay:
 
     async def _publish(self, row: OutboxRow) -> None:
         parent = propagate.extract(json.loads(row.trace_headers or "{}"))
-        with tracer.start_as_current_span(
-            f"publish {row.routing_key}",
-            context=parent,
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "rabbitmq",
-                "messaging.operation.type": "publish",
-                "messaging.destination.name": self._names.exchange,
-                "messaging.rabbitmq.destination.routing_key": row.routing_key,
-                "messaging.message.id": row.event_id,
-                "messaging.message.conversation_id": row.correlation_id or "",
-            },
+        scope = context.MessageContext(
+            correlation_id=row.correlation_id,
+            event_id=row.event_id,
+            event_type=f"{NAMESPACE}.{row.routing_key}",
+        )
+        with (
+            context.use(scope),
+            tracer.start_as_current_span(
+                f"publish {row.routing_key}",
+                context=parent,
+                kind=SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "publish",
+                    "messaging.destination.name": self._names.exchange,
+                    "messaging.rabbitmq.destination.routing_key": row.routing_key,
+                    "messaging.message.id": row.event_id,
+                    "messaging.message.conversation_id": row.correlation_id or "",
+                },
+            ),
         ):
             headers: dict[str, str] = {}
             propagate.inject(headers)

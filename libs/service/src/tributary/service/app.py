@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -37,7 +38,8 @@ class ServiceSpec:
 
     name: str
     settings: ServiceSettings
-    migrations: Path
+    migrations: Path | None
+    """Alembic script directory; None creates every SQLModel table directly (prototypes, tests)."""
     routers: Sequence[APIRouter] = ()
     handlers: Handlers = field(default_factory=dict)
     commands: Handlers = field(default_factory=dict)
@@ -66,8 +68,12 @@ def create_app(spec: ServiceSpec) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            await migrations.upgrade(spec.migrations, spec.settings.database_url)
+            if spec.migrations is not None:
+                await migrations.upgrade(spec.migrations, spec.settings.database_url)
             engine = create_engine(spec.settings.database_url)
+            if spec.migrations is None:
+                async with engine.begin() as conn:
+                    await conn.run_sync(SQLModel.metadata.create_all)
             instrument_engine(engine)
             stack.push_async_callback(engine.dispose)
             app.state.engine = engine
