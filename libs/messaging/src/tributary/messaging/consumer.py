@@ -131,6 +131,8 @@ class QueueConsumer:
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
+        self._cautious = False
+        self._speedup: asyncio.Task[None] | None = None
         self._retrying = AsyncRetrying(
             stop=stop_after_attempt(settings.inprocess_retries),
             wait=wait_exponential_jitter(
@@ -144,13 +146,28 @@ class QueueConsumer:
 
     async def start(self, connection: AbstractConnection) -> None:
         self._channel = await connection.channel()
-        await self._channel.set_qos(prefetch_count=self._settings.prefetch)
         self._queue = await self._channel.get_queue(self.queues.work, ensure=False)
         self._workers = [
             asyncio.create_task(self._work(), name=f"{self.queues.work}-worker-{n}")
             for n in range(self._settings.concurrency)
         ]
+        # Cautious start: one message at a time while the broker hands back redeliveries.
+        # Every message a crashed consumer held is charged a delivery; taking them one by one
+        # means a poison message that kills us again is charged alone, not with its neighbours.
+        self._cautious = self._settings.prefetch > 1
+        await self._channel.set_qos(prefetch_count=1 if self._cautious else self._settings.prefetch)
         self._tag = await self._queue.consume(self._on_message)
+
+    async def _full_speed(self) -> None:
+        """The first fresh delivery: re-subscribe with the configured prefetch."""
+        if self._queue is None or self._channel is None or self._tag is None:
+            return
+        try:
+            await self._queue.cancel(self._tag)
+            await self._channel.set_qos(prefetch_count=self._settings.prefetch)
+            self._tag = await self._queue.consume(self._on_message)
+        except Exception as exc:  # closing or reconnecting: the robust channel re-consumes
+            log.warning("raising prefetch on %s failed: %s", self.queues.work, exc)
 
     @property
     def running(self) -> bool:
@@ -163,6 +180,8 @@ class QueueConsumer:
 
     async def stop(self) -> None:
         """Stop consuming, finish the batches in hand, hand back what waits, close."""
+        if self._speedup is not None:
+            await asyncio.gather(self._speedup, return_exceptions=True)
         if self._queue is not None and self._tag is not None:
             try:
                 await self._queue.cancel(self._tag)
@@ -186,6 +205,9 @@ class QueueConsumer:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._pending.put_nowait(message)
+        if self._cautious and not message.redelivered:
+            self._cautious = False
+            self._speedup = asyncio.create_task(self._full_speed())
 
     async def _work(self) -> None:
         while True:

@@ -53,6 +53,7 @@ class Publisher:
         self._exchanges: dict[str, AbstractExchange] = {}
 
     async def open(self) -> None:
+        self._exchanges.clear()  # bound to the previous channel
         # held strongly: a robust connection restores only channels someone references
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True

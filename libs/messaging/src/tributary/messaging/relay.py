@@ -18,6 +18,7 @@ from sqlalchemy import delete, func, or_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import SelectOfScalar
 
 from tributary.contracts.catalog import NAMESPACE
 from tributary.messaging import context
@@ -97,54 +98,89 @@ class OutboxRelay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._settings.outbox_poll_seconds)
 
+    def _pending_query(self) -> SelectOfScalar[OutboxRow]:
+        now = utcnow()
+        return (
+            select(OutboxRow)
+            .where(col(OutboxRow.published_at).is_(None))
+            .where(
+                or_(
+                    col(OutboxRow.next_attempt_at).is_(None),
+                    col(OutboxRow.next_attempt_at) <= now,
+                )
+            )
+            .order_by(col(OutboxRow.seq))
+            .limit(self._settings.outbox_batch)
+        )
+
     async def drain_once(self) -> int:
         """Publish one batch of pending rows; returns how many were published."""
-        async with self._sessions() as session, session.begin():
-            if self._sqlite and not await self._hold_lease(session):
-                return 0
-            now = utcnow()
-            query = (
-                select(OutboxRow)
-                .where(col(OutboxRow.published_at).is_(None))
-                .where(
-                    or_(
-                        col(OutboxRow.next_attempt_at).is_(None),
-                        col(OutboxRow.next_attempt_at) <= now,
-                    )
-                )
-                .order_by(col(OutboxRow.seq))
-                .limit(self._settings.outbox_batch)
-            )
-            if not self._sqlite:
-                query = query.with_for_update(skip_locked=True)
-            rows: Sequence[OutboxRow] = (await session.exec(query)).all()
+        if not self._sqlite:
+            # PostgreSQL: the claimed rows stay locked (SKIP LOCKED for other replicas) until
+            # they are marked; row locks do not block the service's own writes
+            async with self._sessions() as session, session.begin():
+                query = self._pending_query().with_for_update(skip_locked=True)
+                rows: Sequence[OutboxRow] = (await session.exec(query)).all()
+                if not rows:
+                    return 0
+                results = await self._publish_all(rows)
+                done, failure = await self._record(session, rows, results)
+        else:
+            # SQLite: the lease makes this the only relay; read, then publish outside any
+            # transaction so the service's writers are not held up by the confirms
+            async with self._sessions() as session, session.begin():
+                if not await self._hold_lease(session):
+                    return 0
+                rows = (await session.exec(self._pending_query())).all()
             if not rows:
                 return 0
-            results = await asyncio.gather(
-                *(self._publish(row) for row in rows), return_exceptions=True
-            )
-            done = [row.seq for row, res in zip(rows, results, strict=True) if res is None]
-            if done:
-                await session.exec(
-                    update(OutboxRow)
-                    .where(col(OutboxRow.seq).in_(done))
-                    .values(published_at=utcnow())
-                )
-                self.stats.published += len(done)
-            failure: BaseException | None = None
-            for row, res in zip(rows, results, strict=True):
-                if isinstance(res, Unroutable):
-                    self.stats.unroutable += 1
-                    log.error("outbox event %s kept: %s", row.event_id, res)
-                    row.attempts += 1
-                    row.last_error = str(res)[:1000]
-                    row.next_attempt_at = now + timedelta(seconds=UNROUTABLE_RETRY_SECONDS)
-                    session.add(row)
-                elif isinstance(res, BaseException) and failure is None:
-                    failure = res
+            results = await self._publish_all(rows)
+            async with self._sessions() as session, session.begin():
+                done, failure = await self._record(session, rows, results)
+                if failure is not None:  # let a healthy replica take over at once
+                    await session.exec(
+                        update(OutboxLease)
+                        .where(col(OutboxLease.owner) == self._owner)
+                        .values(expires_at=utcnow())
+                    )
         if failure is not None:
             raise failure
-        return len(done)
+        return done
+
+    async def _publish_all(self, rows: Sequence[OutboxRow]) -> list[BaseException | None]:
+        return await asyncio.gather(*(self._publish(row) for row in rows), return_exceptions=True)
+
+    async def _record(
+        self,
+        session: AsyncSession,
+        rows: Sequence[OutboxRow],
+        results: list[BaseException | None],
+    ) -> tuple[int, BaseException | None]:
+        """Mark confirmed rows published; keep unroutable ones with their error for later."""
+        done = [row.seq for row, res in zip(rows, results, strict=True) if res is None]
+        if done:
+            await session.exec(
+                update(OutboxRow).where(col(OutboxRow.seq).in_(done)).values(published_at=utcnow())
+            )
+            self.stats.published += len(done)
+        failure: BaseException | None = None
+        retry_at = utcnow() + timedelta(seconds=UNROUTABLE_RETRY_SECONDS)
+        for row, res in zip(rows, results, strict=True):
+            if isinstance(res, Unroutable):
+                self.stats.unroutable += 1
+                log.error("outbox event %s kept: %s", row.event_id, res)
+                await session.exec(
+                    update(OutboxRow)
+                    .where(col(OutboxRow.seq) == row.seq)
+                    .values(
+                        attempts=OutboxRow.attempts + 1,
+                        last_error=str(res)[:1000],
+                        next_attempt_at=retry_at,
+                    )
+                )
+            elif res is not None and failure is None:
+                failure = res
+        return len(done), failure
 
     async def _publish(self, row: OutboxRow) -> None:
         parent = propagate.extract(json.loads(row.trace_headers or "{}"))
