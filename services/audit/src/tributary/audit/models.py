@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Integer
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC in and out on every dialect (SQLite keeps no offset: store UTC, read as UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Aware UTC; a naive datetime is taken to be UTC already."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+class AuditEntry(SQLModel, table=True):
+    """One recorded event. Rows are only ever inserted (triggers reject UPDATE and DELETE)."""
+
+    __tablename__ = "audit_entries"
+
+    seq: int = Field(
+        default=0,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=False
+        ),
+    )
+    """Gapless from 1, assigned with ``prev_hash`` and ``hash`` by ``chain.append``."""
+    event_id: str = Field(max_length=200, index=True)
+    type: str = Field(max_length=200, index=True)
+    """The CloudEvents type as received (``com.tributary.user.created.v1``)."""
+    data_type: str = Field(max_length=200)
+    """The routing key whose schema ``data`` follows: the handler's version, after upcasting."""
+    source: str = Field(max_length=500)
+    subject: str | None = Field(default=None, index=True)
+    correlation_id: str | None = Field(default=None, index=True)
+    causation_id: str | None = None
+    event_time: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False, index=True))
+    recorded_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    data: dict[str, Any] = Field(sa_column=Column(JSON(), nullable=False))
+    """The payload with every PII field masked (or replaced by a keyed hash)."""
+    prev_hash: str = Field(default="", max_length=64, unique=True)
+    hash: str = Field(default="", max_length=64, unique=True)
+
+
+class AuditEntryPublic(SQLModel):
+    seq: int
+    event_id: str
+    type: str
+    data_type: str
+    source: str
+    subject: str | None
+    correlation_id: str | None
+    causation_id: str | None
+    event_time: datetime
+    recorded_at: datetime
+    data: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class AuditPage(SQLModel):
+    entries: list[AuditEntryPublic]
+    next: str | None = None
+    """Pass as ``cursor`` for the following page; null when there is nothing more yet."""
+
+
+class Verification(SQLModel):
+    ok: bool
+    entries: int
+    """Entries checked: all of them when ``ok``, those before the broken one otherwise."""
+    head: str | None = None
+    """Hash of the last entry when ``ok``: keep it elsewhere to detect truncation later."""
+    broken_at: int | None = None
+    reason: str | None = None

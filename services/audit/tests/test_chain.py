@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import col, select
+
+from tributary.audit import chain
+from tributary.audit.app import create_app
+from tributary.audit.models import AuditEntry
+from tributary.messaging.db import create_engine, now, session_factory
+from tributary.service.migrations import upgrade
+from tributary.service.testing import FakeUnitOfWork, fake_uow
+
+MIGRATIONS = Path(create_app.__code__.co_filename).parent / "migrations"
+
+
+def an_entry(n: int) -> AuditEntry:
+    return AuditEntry(
+        event_id=f"evt-{n}",
+        type="com.tributary.role.changed.v1",
+        data_type="role.changed.v1",
+        source="/services/identity",
+        subject=f"users/usr_{n:010d}",
+        event_time=now(),
+        recorded_at=now(),
+        data={"user_id": f"usr_{n:010d}", "old_role": "member", "new_role": "admin"},
+    )
+
+
+async def chain_of(uow: FakeUnitOfWork, n: int) -> list[AuditEntry]:
+    for i in range(1, n + 1):
+        await chain.append(uow.session, an_entry(i))
+    return list((await uow.session.exec(select(AuditEntry).order_by(col(AuditEntry.seq)))).all())
+
+
+async def test_an_intact_chain_verifies_and_reports_its_head(tmp_path: Path) -> None:
+    async with fake_uow(str(tmp_path / "db.sqlite")) as uow:
+        entries = await chain_of(uow, 3)
+        result = await chain.verify(uow.session)
+        assert (result.ok, result.entries, result.head) == (True, 3, entries[-1].hash)
+
+
+async def test_an_empty_log_verifies(tmp_path: Path) -> None:
+    async with fake_uow(str(tmp_path / "db.sqlite")) as uow:
+        result = await chain.verify(uow.session)
+        assert (result.ok, result.entries, result.head) == (True, 0, None)
+
+
+async def test_a_changed_entry_breaks_the_chain_at_its_seq(tmp_path: Path) -> None:
+    async with fake_uow(str(tmp_path / "db.sqlite")) as uow:
+        entries = await chain_of(uow, 4)
+        entries[2].data = {**entries[2].data, "new_role": "owner"}
+        await uow.session.flush()
+        result = await chain.verify(uow.session)
+        assert (result.ok, result.broken_at, result.entries) == (False, 3, 2)
+        assert result.reason == "the entry's content does not match its hash"
+
+
+async def test_a_changed_entry_with_a_recomputed_hash_breaks_the_next_link(
+    tmp_path: Path,
+) -> None:
+    async with fake_uow(str(tmp_path / "db.sqlite")) as uow:
+        entries = await chain_of(uow, 4)
+        forged = entries[1]
+        forged.subject = "users/usr_someoneelse"
+        forged.hash = chain.entry_hash(forged, forged.prev_hash)
+        await uow.session.flush()
+        result = await chain.verify(uow.session)
+        assert (result.ok, result.broken_at) == (False, 3)
+        assert result.reason == "prev_hash does not match the hash of the entry before it"
+
+
+async def test_a_deleted_entry_is_reported_as_missing(tmp_path: Path) -> None:
+    async with fake_uow(str(tmp_path / "db.sqlite")) as uow:
+        entries = await chain_of(uow, 4)
+        await uow.session.delete(entries[1])
+        await uow.session.flush()
+        result = await chain.verify(uow.session)
+        assert (result.ok, result.broken_at, result.reason) == (False, 3, "entry 2 is missing")
+
+
+async def test_verification_reads_past_one_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chain, "VERIFY_PAGE", 2)
+    async with fake_uow(str(tmp_path / "db.sqlite")) as uow:
+        await chain_of(uow, 5)
+        assert (await chain.verify(uow.session)).entries == 5
+
+
+@pytest.fixture
+async def postgres_engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    await upgrade(MIGRATIONS, postgres_url)
+    engine = create_engine(postgres_url)
+    yield engine
+    await engine.dispose()
+
+
+async def test_concurrent_appenders_on_postgres_extend_one_chain(
+    postgres_engine: AsyncEngine,
+) -> None:
+    sessions = session_factory(postgres_engine)
+
+    async def append_one(n: int) -> None:
+        async with sessions() as session, session.begin():
+            await chain.append(session, an_entry(n))
+
+    await asyncio.gather(*(append_one(n) for n in range(12)))
+    async with sessions() as session:
+        result = await chain.verify(session)
+    assert (result.ok, result.entries) == (True, 12)
