@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
+from urllib.parse import unquote
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -18,6 +19,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
+from tributary.contracts.pii import scrub_text
 from tributary.messaging import context
 
 log = logging.getLogger("tributary.observability")
@@ -90,6 +92,21 @@ def setup_tracing(service: str) -> TracerProvider | None:
     return provider
 
 
+# where HTTP instrumentation records the URL (old and new semantic-convention names)
+_URL_ATTRIBUTES = ("http.target", "http.url", "url.query", "url.full")
+
+
+def _mask_url(span: Any, scope: dict[str, Any]) -> None:
+    """Query strings can carry addresses (``/emails?to=``): mask them on the server span."""
+    if not scope.get("query_string") or not span.is_recording():
+        return
+    attributes = getattr(span, "attributes", None) or {}
+    for name in _URL_ATTRIBUTES:
+        value = attributes.get(name)
+        if isinstance(value, str):
+            span.set_attribute(name, scrub_text(unquote(value)))
+
+
 def instrument_app(app: Any) -> None:
     """FastAPI spans, without the per-chunk ASGI send/receive spans; health and metrics skipped."""
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
@@ -98,6 +115,7 @@ def instrument_app(app: Any) -> None:
         app,
         excluded_urls="health/live,health/ready,metrics",
         exclude_spans=["receive", "send"],
+        server_request_hook=_mask_url,
     )
 
 

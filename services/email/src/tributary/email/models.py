@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+
+from sqlmodel import Field, SQLModel
+
+from tributary.messaging.db import now
+
+MESSAGE_ID_DOMAIN = "tributary.dev"
+
+
+def _digest(logical_key: str) -> str:
+    return hashlib.sha256(logical_key.encode()).hexdigest()
+
+
+def message_id_for(logical_key: str) -> str:
+    """The RFC 5322 Message-ID of a logical email: a resent copy carries the same one."""
+    return f"<{_digest(logical_key)[:32]}@{MESSAGE_ID_DOMAIN}>"
+
+
+def email_id_for(logical_key: str) -> str:
+    """The id derives from the logical key: two attempts at one email can only make one row."""
+    return f"eml_{_digest(logical_key)[:24]}"
+
+
+class EmailBase(SQLModel):
+    logical_key: str = Field(max_length=200, unique=True, index=True)
+    """What makes two sends the same email: ``welcome:{user_id}``, ``send:{request_id}``..."""
+    message_id: str = Field(max_length=250)
+    to: str = Field(max_length=254, index=True)
+    template: str = Field(max_length=40)
+    status: str = Field(max_length=10)
+    """``sent`` or ``failed``; ``sending`` exists only inside the transaction that sends."""
+    user_id: str | None = Field(default=None, max_length=60, index=True)
+    correlation_id: str | None = Field(default=None, max_length=200)
+    error: str | None = Field(default=None, max_length=500)
+
+
+class EmailRecord(EmailBase, table=True):
+    __tablename__ = "emails"
+
+    id: str = Field(primary_key=True, max_length=60)
+    created_at: datetime = Field(default_factory=now)
+    sent_at: datetime | None = None
+
+
+class EmailPublic(EmailBase):
+    id: str
+    created_at: datetime
+    sent_at: datetime | None
+
+
+class Recipient(SQLModel, table=True):
+    """Who a user id mails to: events such as subscription.activated carry only the id."""
+
+    __tablename__ = "recipients"
+
+    user_id: str = Field(primary_key=True, max_length=60)
+    email: str = Field(max_length=254)
+    given_name: str = Field(max_length=200)
+    locale: str = Field(max_length=10)
+    updated_at: datetime = Field(default_factory=now)
