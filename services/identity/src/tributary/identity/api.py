@@ -1,0 +1,211 @@
+"""Users: sign-up, profile changes and roles."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Annotated, cast
+
+from fastapi import APIRouter, Header, Path, Response
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from tributary.contracts.events import Role, RoleChangedV1, UserCreatedV1, UserEmailChangedV1
+from tributary.identity.errors import FieldProblem, email_taken, user_not_found
+from tributary.identity.models import SignUpKey, User, normalize_email
+from tributary.identity.schemas import (
+    RoleChange,
+    UserCreate,
+    UserPublic,
+    UserUpdate,
+    error_responses,
+)
+from tributary.messaging.db import now
+from tributary.messaging.uow import UnitOfWork
+from tributary.service.app import SessionDep, UowDep
+
+log = logging.getLogger("tributary.identity.api")
+router = APIRouter(tags=["users"])
+
+UserIdPath = Annotated[str, Path(max_length=60, examples=["usr_0123456789abcdef0123"])]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=200,
+        description="Retry-safe sign-up: the same key and body return the same user.",
+    ),
+]
+
+
+async def _email_owner(session: AsyncSession, email: str) -> User | None:
+    query = select(User).where(col(User.email_normalized) == normalize_email(email))
+    return (await session.exec(query)).first()
+
+
+async def _replay(
+    session: AsyncSession, key: str | None, request_hash: str, response: Response
+) -> User | None:
+    """The user an earlier request with ``key`` made, if any; 422 if its body was different."""
+    earlier = await session.get(SignUpKey, key) if key is not None else None
+    if earlier is None:
+        return None
+    if earlier.request_hash != request_hash:
+        raise FieldProblem(
+            422,
+            "header",
+            "Idempotency-Key",
+            "was already used with a different request body",
+            "idempotency_key_reused",
+        )
+    response.headers["Idempotent-Replayed"] = "true"
+    return await session.get(User, earlier.user_id)
+
+
+async def _register(
+    uow: UnitOfWork, body: UserCreate, idempotency_key: str | None, request_hash: str
+) -> User:
+    user = User.register(email=body.email, name=body.name, plan=body.plan, locale=body.locale)
+    uow.session.add(user)
+    if idempotency_key is not None:
+        await uow.session.flush()  # the key refers to the user: insert the user first
+        uow.session.add(
+            SignUpKey(
+                key=idempotency_key,
+                request_hash=request_hash,
+                user_id=user.id,
+                created_at=user.created_at,
+            )
+        )
+    uow.outbox.add(
+        UserCreatedV1(
+            user_id=user.id,
+            email=user.email,
+            name=user.name,
+            plan=body.plan,
+            locale=user.locale,
+            created_at=user.created_at,
+        ),
+        subject=f"users/{user.id}",
+        idempotency_key=f"user.created:{user.id}",
+    )
+    return user
+
+
+@router.post(
+    "/users",
+    status_code=201,
+    response_model=UserPublic,
+    responses=error_responses(409, 422),
+)
+async def create_user(
+    body: UserCreate, uow: UowDep, response: Response, idempotency_key: IdempotencyKey = None
+) -> User:
+    """Sign a user up (role `member`) and announce it as `user.created.v1`.
+
+    With an `Idempotency-Key` header a retry of the same request returns the same user (header
+    `Idempotent-Replayed: true`) and announces nothing again; the key with another body is a
+    422. An email address already registered, in any letter case, is a 409.
+    """
+    request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    if (user := await _replay(uow.session, idempotency_key, request_hash, response)) is not None:
+        return user
+    if await _email_owner(uow.session, body.email) is None:
+        try:
+            user = await _register(uow, body, idempotency_key, request_hash)
+            await uow.commit()
+        except IntegrityError:
+            await uow.rollback()  # a concurrent request took the address, or the key, first
+        else:
+            log.info("user %s signed up", user.id)
+            return user
+    # The address is taken. If it was taken by a concurrent request with the same key, which
+    # committed after the look-up above, answer as that request did.
+    if earlier := await _replay(uow.session, idempotency_key, request_hash, response):
+        return earlier
+    raise email_taken()
+
+
+@router.get("/users/{user_id}", response_model=UserPublic, responses=error_responses(404))
+async def get_user(session: SessionDep, user_id: UserIdPath) -> User:
+    """One user: profile, plan and role."""
+    user = await session.get(User, user_id)
+    if user is None:
+        raise user_not_found(user_id)
+    return user
+
+
+@router.patch(
+    "/users/{user_id}", response_model=UserPublic, responses=error_responses(404, 409, 422)
+)
+async def update_user(body: UserUpdate, uow: UowDep, user_id: UserIdPath) -> User:
+    """Change a user's email, name or locale (fields left out stay as they are).
+
+    A new email address is announced as `user.email_changed.v1`; one another user has already
+    registered is a 409. A request that changes nothing announces nothing.
+    """
+    user = await uow.session.get(User, user_id, with_for_update=True)
+    if user is None:
+        raise user_not_found(user_id)
+    old_email = user.email
+    changes = body.model_dump(exclude_unset=True)
+    if (email := changes.get("email")) is not None and email != old_email:
+        owner = await _email_owner(uow.session, email)
+        if owner is not None and owner.id != user.id:
+            raise email_taken()
+        user.email_normalized = normalize_email(email)
+    changed = {field for field, value in changes.items() if getattr(user, field) != value}
+    if not changed:
+        return user
+    for field in changed:
+        setattr(user, field, changes[field])
+    user.updated_at = now()
+    uow.session.add(user)
+    if "email" in changed:
+        uow.outbox.add(
+            UserEmailChangedV1(
+                user_id=user.id,
+                old_email=old_email,
+                new_email=user.email,
+                changed_at=user.updated_at,
+            ),
+            subject=f"users/{user.id}",
+        )
+    try:
+        await uow.commit()
+    except IntegrityError:
+        await uow.rollback()
+        raise email_taken() from None
+    log.info("user %s changed %s", user.id, ", ".join(sorted(changed)))
+    return user
+
+
+@router.put("/users/{user_id}/role", response_model=UserPublic, responses=error_responses(404, 422))
+async def change_role(body: RoleChange, uow: UowDep, user_id: UserIdPath) -> User:
+    """Set a user's role: `member` (every new user), `admin` or `owner`.
+
+    A change is announced as `role.changed.v1`; setting the role the user already has
+    announces nothing.
+    """
+    user = await uow.session.get(User, user_id, with_for_update=True)
+    if user is None:
+        raise user_not_found(user_id)
+    if user.role == body.role:
+        return user
+    old_role = user.role
+    user.role = body.role
+    user.updated_at = now()
+    uow.session.add(user)
+    uow.outbox.add(
+        RoleChangedV1(
+            user_id=user.id,
+            old_role=cast(Role, old_role),
+            new_role=body.role,
+            changed_at=user.updated_at,
+        ),
+        subject=f"users/{user.id}",
+    )
+    await uow.commit()
+    log.info("user %s is now %s (was %s)", user.id, body.role, old_role)
+    return user

@@ -1,0 +1,93 @@
+"""API keys: issued to a user, listed without their secrets, revoked."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from tributary.contracts.events import ApiKeyRevokedV1
+from tributary.identity.api import UserIdPath
+from tributary.identity.errors import FieldProblem, user_not_found
+from tributary.identity.models import ApiKey, User
+from tributary.identity.schemas import ApiKeyCreate, ApiKeyIssued, ApiKeyPublic, error_responses
+from tributary.messaging.db import now
+from tributary.service.app import SessionDep, UowDep
+
+log = logging.getLogger("tributary.identity.api_keys")
+router = APIRouter(tags=["api keys"])
+
+KeyIdPath = Annotated[str, Path(max_length=60, examples=["key_0123456789abcdef0123"])]
+
+
+@router.post(
+    "/users/{user_id}/api-keys",
+    status_code=201,
+    response_model=ApiKeyIssued,
+    responses=error_responses(404, 422),
+)
+async def create_api_key(
+    uow: UowDep, user_id: UserIdPath, body: ApiKeyCreate | None = None
+) -> ApiKeyIssued:
+    """Issue an API key. The `secret` is in this answer only: just its hash is kept."""
+    if await uow.session.get(User, user_id) is None:
+        raise user_not_found(user_id)
+    key, secret = ApiKey.issue(user_id, body.name if body else None)
+    uow.session.add(key)
+    await uow.commit()
+    log.info("api key %s issued to user %s", key.id, user_id)
+    return ApiKeyIssued.model_validate({**key.model_dump(), "secret": secret})
+
+
+@router.get(
+    "/users/{user_id}/api-keys",
+    response_model=list[ApiKeyPublic],
+    responses=error_responses(404),
+)
+async def list_api_keys(session: SessionDep, user_id: UserIdPath) -> list[ApiKey]:
+    """A user's API keys, oldest first, revoked ones included (with `revoked_at`); no secrets."""
+    if await session.get(User, user_id) is None:
+        raise user_not_found(user_id)
+    query = (
+        select(ApiKey)
+        .where(col(ApiKey.user_id) == user_id)
+        .order_by(col(ApiKey.created_at), col(ApiKey.id))
+    )
+    return list((await session.exec(query)).all())
+
+
+@router.delete(
+    "/api-keys/{key_id}",
+    status_code=204,
+    response_class=Response,
+    responses=error_responses(404),
+)
+async def revoke_api_key(uow: UowDep, key_id: KeyIdPath) -> None:
+    """Revoke an API key and announce it as `api_key.revoked.v1`.
+
+    Revoking a key that is already revoked succeeds again and announces nothing.
+    """
+    key = await uow.session.get(ApiKey, key_id)
+    if key is None:
+        raise FieldProblem(404, "path", "key_id", f"no API key {key_id}", "not_found")
+    if key.revoked_at is not None:
+        return
+    revoked_at = now()
+    # conditional, so that of two concurrent revocations only one announces it
+    result = await uow.session.exec(
+        update(ApiKey)
+        .where(col(ApiKey.id) == key_id, col(ApiKey.revoked_at).is_(None))
+        .values(revoked_at=revoked_at)
+    )
+    if not result.rowcount:
+        return
+    uow.outbox.add(
+        ApiKeyRevokedV1(api_key_id=key.id, user_id=key.user_id, revoked_at=revoked_at),
+        subject=f"users/{key.user_id}",
+        idempotency_key=f"api_key.revoked:{key.id}",
+    )
+    await uow.commit()
+    log.info("api key %s revoked", key_id)

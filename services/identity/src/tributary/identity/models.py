@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import DateTime
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+from tributary.messaging.db import now
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC in and out: SQLite keeps no offset, so what it returns is read back as UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        stamp: datetime = value
+        return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
+
+
+def _timestamp(*, nullable: bool = False) -> Any:
+    return Field(default=None if nullable else ..., sa_type=UtcDateTime, nullable=nullable)
+
+
+def normalize_email(email: str) -> str:
+    """The form addresses are compared in: one mailbox, one account, whatever the case."""
+    return email.strip().lower()
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    id: str = Field(primary_key=True, max_length=60)
+    email: str = Field(max_length=254)
+    email_normalized: str = Field(max_length=254, unique=True, index=True)
+    name: str = Field(max_length=200)
+    plan: str = Field(max_length=20)
+    locale: str = Field(max_length=5)
+    role: str = Field(default="member", max_length=20)
+    created_at: datetime = _timestamp()
+    updated_at: datetime = _timestamp()
+
+    @classmethod
+    def register(cls, *, email: str, name: str, plan: str, locale: str) -> User:
+        stamp = now()
+        return cls(
+            id=f"usr_{secrets.token_hex(10)}",
+            email=email,
+            email_normalized=normalize_email(email),
+            name=name,
+            plan=plan,
+            locale=locale,
+            created_at=stamp,
+            updated_at=stamp,
+        )
+
+
+class SignUpKey(SQLModel, table=True):
+    """An ``Idempotency-Key`` of ``POST /users``: a retry with it returns the user it made."""
+
+    __tablename__ = "user_idempotency_keys"
+
+    key: str = Field(primary_key=True, max_length=200)
+    request_hash: str = Field(max_length=64)
+    user_id: str = Field(foreign_key="users.id", max_length=60)
+    created_at: datetime = _timestamp()
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=60)
+    user_id: str = Field(foreign_key="users.id", max_length=60, index=True)
+    name: str | None = Field(default=None, max_length=100)
+    prefix: str = Field(max_length=20)
+    """The secret's first characters, so its owner can tell keys apart in a listing."""
+    secret_hash: str = Field(max_length=64, unique=True, index=True)
+    created_at: datetime = _timestamp()
+    revoked_at: datetime | None = _timestamp(nullable=True)
+
+    @classmethod
+    def issue(cls, user_id: str, name: str | None) -> tuple[ApiKey, str]:
+        """A new key and its secret; the secret is returned here once and never stored."""
+        secret = f"trib_{secrets.token_urlsafe(32)}"
+        key = cls(
+            id=f"key_{secrets.token_hex(10)}",
+            user_id=user_id,
+            name=name,
+            prefix=secret[:9],
+            secret_hash=hash_secret(secret),
+            created_at=now(),
+        )
+        return key, secret
+
+
+def hash_secret(secret: str) -> str:
+    # A plain SHA-256 is enough here, unlike for passwords: the secret carries 256 random bits,
+    # so there is nothing to guess or look up in a dictionary, and a slow KDF (scrypt, PBKDF2)
+    # would only make every authenticated request slower. Being deterministic, the hash can
+    # also be found by an indexed look-up instead of testing each stored key in turn.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Subscription(SQLModel, table=True):
+    __tablename__ = "subscriptions"
+
+    id: str = Field(primary_key=True, max_length=60)
+    user_id: str = Field(foreign_key="users.id", max_length=60, index=True)
+    plan: str = Field(max_length=20)
+    payment_id: str = Field(max_length=60, unique=True)
+    activated_at: datetime = _timestamp()
+
+    @staticmethod
+    def id_for_payment(payment_id: str) -> str:
+        """Derived from the payment: a redelivered payment can only ever activate this one."""
+        return f"sub_{hashlib.sha256(payment_id.encode()).hexdigest()[:20]}"
