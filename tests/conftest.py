@@ -22,9 +22,7 @@ def _databases(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[dict[str
         return {n: f"sqlite+aiosqlite:///{tmp_path / (n + '.db')}" for n in SIGNUP_SERVICES}, []
     server: Found = request.getfixturevalue("postgres")
     names = {n: f"e2e_{n}_{uuid.uuid4().hex[:8]}" for n in SIGNUP_SERVICES}
-    urls = {
-        n: asyncio.run(create_postgres_database(server.url, db)) for n, db in names.items()
-    }
+    urls = {n: asyncio.run(create_postgres_database(server.url, db)) for n, db in names.items()}
     return urls, [server.url, *names.values()]
 
 
@@ -39,9 +37,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, rabbitmq: Found) -> It
     finally:
         stack.stop()
         stack.mail.stop()
-        asyncio.run(
-            delete_prefixed(rabbitmq.url, Names(stack.prefix), queue_names(stack.prefix))
-        )
+        asyncio.run(delete_prefixed(rabbitmq.url, Names(stack.prefix), queue_names(stack.prefix)))
         if created:
             server, *names = created
             for name in names:

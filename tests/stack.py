@@ -34,7 +34,7 @@ class MailSink:
         self.messages: list[Message] = []
         self._controller: Controller | None = None
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content: Any = envelope.original_content or envelope.content or b""
         self.messages.append(message_from_bytes(content if isinstance(content, bytes) else b""))
         return "250 OK"

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 
 def free_port() -> int:
@@ -28,13 +29,14 @@ class ServiceProcess:
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
-    _log: object | None = field(default=None, repr=False)
+    _log: BinaryIO | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        self._close_log()
         log = self.log_path.open("ab")
         self._log = log
         self.process = subprocess.Popen(
@@ -78,6 +80,7 @@ class ServiceProcess:
                 self.process.wait()
         code = self.process.returncode
         self.process = None
+        self._close_log()
         return code
 
     def kill(self) -> None:
@@ -85,6 +88,12 @@ class ServiceProcess:
             self.process.kill()
             self.process.wait()
             self.process = None
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def tail(self, lines: int = 40) -> str:
         try:
