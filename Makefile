@@ -6,10 +6,10 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 
-.PHONY: help sync test lint fmt contracts dev demo bench
+.PHONY: help sync test lint fmt contracts dev demo demo-down compose-check bench
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 sync:  ## install the workspace (uv installed if missing)
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -24,6 +24,7 @@ lint: sync  ## ruff, mypy (strict on libs/), contract compatibility, AsyncAPI fr
 	$(RUN) mypy libs
 	$(RUN) eventctl contracts check
 	$(RUN) python -m tributary.contracts.asyncapi
+	$(RUN) pytest -q -p no:cacheprovider tests/test_compose.py
 
 fmt: sync  ## format and autofix
 	$(RUN) ruff format .
@@ -37,6 +38,12 @@ dev: sync  ## every service as a local process (needs RABBITMQ_URL or a local br
 
 demo:  ## the whole stack in Docker: docker compose up --build
 	docker compose up --build
+
+demo-down:  ## stop the demo stack (docker compose down -v also deletes its data)
+	docker compose down
+
+compose-check: sync  ## validate docker-compose.yml with the real Compose v2 (no Docker engine needed)
+	$(RUN) pytest -q -p no:cacheprovider tests/test_compose.py
 
 bench: sync  ## benchmarks; figures go to bench/RESULTS.md
 	@echo "no benchmarks yet: they arrive with the messaging runtime" >&2; exit 1

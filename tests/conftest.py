@@ -1,10 +1,11 @@
-"""Cross-service fixtures: a stack of real service processes per test, on SQLite or PostgreSQL."""
+"""Cross-service fixtures: stacks of real service processes, on SQLite or PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,29 +17,49 @@ from tributary.testkit.infra import Found, create_postgres_database, drop_postgr
 from .stack import SIGNUP_SERVICES, Stack, queue_names
 
 
-def _databases(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[dict[str, str], list[str]]:
-    kind = getattr(request, "param", "sqlite")
+@contextmanager
+def new_stack(
+    request: pytest.FixtureRequest, kind: str, workdir: Path, broker_url: str
+) -> Iterator[Stack]:
+    """An unstarted stack with fresh databases (one per service); everything removed after."""
+    created: list[str] = []
+    server = ""
     if kind == "sqlite":
-        return {n: f"sqlite+aiosqlite:///{tmp_path / (n + '.db')}" for n in SIGNUP_SERVICES}, []
-    server: Found = request.getfixturevalue("postgres")
-    names = {n: f"e2e_{n}_{uuid.uuid4().hex[:8]}" for n in SIGNUP_SERVICES}
-    urls = {n: asyncio.run(create_postgres_database(server.url, db)) for n, db in names.items()}
-    return urls, [server.url, *names.values()]
-
-
-@pytest.fixture
-def stack(request: pytest.FixtureRequest, tmp_path: Path, rabbitmq: Found) -> Iterator[Stack]:
-    """Unstarted: a test may add an OTLP receiver or env first, then call ``stack.start()``."""
-    urls, created = _databases(request, tmp_path)
-    stack = Stack(broker_url=rabbitmq.url, workdir=tmp_path, database_urls=urls)
+        urls = {n: f"sqlite+aiosqlite:///{workdir / (n + '.db')}" for n in SIGNUP_SERVICES}
+    else:
+        found: Found = request.getfixturevalue("postgres")
+        server = found.url
+        created = [f"e2e_{n}_{uuid.uuid4().hex[:8]}" for n in SIGNUP_SERVICES]
+        urls = {
+            n: asyncio.run(create_postgres_database(server, db))
+            for n, db in zip(SIGNUP_SERVICES, created, strict=True)
+        }
+    stack = Stack(broker_url=broker_url, workdir=workdir, database_urls=urls)
     stack.mail.start()
     try:
         yield stack
     finally:
         stack.stop()
         stack.mail.stop()
-        asyncio.run(delete_prefixed(rabbitmq.url, Names(stack.prefix), queue_names(stack.prefix)))
-        if created:
-            server, *names = created
-            for name in names:
-                asyncio.run(drop_postgres_database(server, name))
+        asyncio.run(delete_prefixed(broker_url, Names(stack.prefix), queue_names(stack.prefix)))
+        for name in created:
+            asyncio.run(drop_postgres_database(server, name))
+
+
+@pytest.fixture
+def stack(request: pytest.FixtureRequest, tmp_path: Path, rabbitmq: Found) -> Iterator[Stack]:
+    """A stack of its own (for tests that break something); call ``stack.start()``."""
+    with new_stack(request, getattr(request, "param", "sqlite"), tmp_path, rabbitmq.url) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def shared_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, rabbitmq: Found
+) -> Iterator[Stack]:
+    """A started SQLite stack shared by a module's tests: they use unique users, so they
+    cannot see each other's data (and start-up, four processes, is paid once)."""
+    workdir = tmp_path_factory.mktemp("stack")
+    with new_stack(request, "sqlite", workdir, rabbitmq.url) as s:
+        s.start()
+        yield s

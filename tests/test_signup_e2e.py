@@ -84,10 +84,11 @@ def test_a_sign_up_makes_one_workspace_one_welcome_email_and_masked_audit_entrie
 ) -> None:
     stack.start()
     email = unique_email()
-    response = sign_up(stack, email, correlation_id="signup-e2e-1")
+    cid = f"signup-{uuid.uuid4().hex[:8]}"
+    response = sign_up(stack, email, correlation_id=cid)
     assert response.status_code == 201, response.text
     user_id = response.json()["id"]
-    assert response.headers["x-correlation-id"] == "signup-e2e-1"
+    assert response.headers["x-correlation-id"] == cid
 
     [workspace] = wait_until(lambda: workspaces(stack, user_id), what="the workspace")
     [mail] = wait_until(lambda: stack.mail.to(email), what="the welcome email")
@@ -95,21 +96,23 @@ def test_a_sign_up_makes_one_workspace_one_welcome_email_and_masked_audit_entrie
     wait_until(
         lambda: (
             {"com.tributary.user.created.v1", "com.tributary.workspace.created.v1"}
-            <= set(audit_types(stack, correlation_id="signup-e2e-1"))
+            <= set(audit_types(stack, correlation_id=cid))
         ),
         what="audit entries of user.created and workspace.created",
     )
-    [created] = audit(stack, correlation_id="signup-e2e-1", type="user.created")
+    [created] = audit(stack, correlation_id=cid, type="user.created")
     assert created["data"]["email"] == masked(email)
     assert created["subject"] == f"users/{user_id}"
-    [ws_entry] = audit(stack, correlation_id="signup-e2e-1", type="workspace.created")
+    [ws_entry] = audit(stack, correlation_id=cid, type="workspace.created")
     assert ws_entry["data"]["workspace_id"] == workspace["id"]
     assert get_json(stack, "audit", "/audit/verify")["ok"] is True
     assert len(stack.mail.to(email)) == 1
 
 
-def test_the_same_sign_up_event_delivered_five_times_has_one_effect_each(stack: Stack) -> None:
-    stack.start()
+def test_the_same_sign_up_event_delivered_five_times_has_one_effect_each(
+    shared_stack: Stack,
+) -> None:
+    stack = shared_stack
     email = unique_email()
     user_id = f"usr_{uuid.uuid4().hex[:20]}"
     event = user_created_v1(user_id, email)
@@ -129,15 +132,15 @@ def test_the_same_sign_up_event_delivered_five_times_has_one_effect_each(stack: 
     assert len(audit(stack, subject=f"users/{user_id}")) == 1
 
 
-def test_a_foreign_producer_is_consumed_like_identity(stack: Stack) -> None:
-    stack.start()
+def test_a_foreign_producer_is_consumed_like_identity(shared_stack: Stack) -> None:
+    stack = shared_stack
     email = unique_email()
     user_id = f"usr_{uuid.uuid4().hex[:20]}"
     event = new_event(
         routing_key="user.created.v2",
         source="/partners/crm",
         subject=f"users/{user_id}",
-        correlationid="foreign-1",
+        correlationid=f"foreign-{user_id}",
         data=UserCreatedV2(
             user_id=user_id,
             email=email,
@@ -155,38 +158,41 @@ def test_a_foreign_producer_is_consumed_like_identity(stack: Stack) -> None:
     assert "Grace" in mail.get_payload()
     wait_until(
         lambda: (
-            "com.tributary.workspace.created.v1" in audit_types(stack, correlation_id="foreign-1")
+            "com.tributary.workspace.created.v1"
+            in audit_types(stack, correlation_id=f"foreign-{user_id}")
         ),
         what="audit of the chain the foreign event started",
     )
 
 
-def test_invalid_sign_ups_are_refused_with_a_reason_and_emit_nothing(stack: Stack) -> None:
-    stack.start()
+def test_invalid_sign_ups_are_refused_with_a_reason_and_emit_nothing(shared_stack: Stack) -> None:
+    stack = shared_stack
+    run = uuid.uuid4().hex[:8]
+    ok, bad_1, dup_1, bad_2 = (f"{name}-{run}" for name in ("ok", "bad-1", "dup-1", "bad-2"))
     taken = unique_email()
-    assert sign_up(stack, taken, correlation_id="ok-1").status_code == 201
+    assert sign_up(stack, taken, correlation_id=ok).status_code == 201
 
-    bad = sign_up(stack, "not-an-email", correlation_id="bad-1")
+    bad = sign_up(stack, "not-an-email", correlation_id=bad_1)
     assert bad.status_code == 422
     assert "email" in bad.text
-    dup = sign_up(stack, taken.upper(), correlation_id="dup-1")
+    dup = sign_up(stack, taken.upper(), correlation_id=dup_1)
     assert dup.status_code == 409
     assert "email" in dup.text
     with stack.client("identity") as client:
         missing = client.post(
-            "/users", json={"email": unique_email()}, headers={"X-Correlation-ID": "bad-2"}
+            "/users", json={"email": unique_email()}, headers={"X-Correlation-ID": bad_2}
         )
     assert missing.status_code == 422
 
     # barrier: the valid sign-up's events are all audited; nothing exists for the refused ones
     wait_until(
-        lambda: "com.tributary.workspace.created.v1" in audit_types(stack, correlation_id="ok-1"),
+        lambda: "com.tributary.workspace.created.v1" in audit_types(stack, correlation_id=ok),
         what="the valid sign-up fully handled",
     )
     barrier = unique_email()
-    barrier_id = sign_up(stack, barrier, correlation_id="barrier").json()["id"]
+    barrier_id = sign_up(stack, barrier).json()["id"]
     wait_until(lambda: audit(stack, subject=f"users/{barrier_id}"), what="barrier audit")
-    for cid in ("bad-1", "dup-1", "bad-2"):
+    for cid in (bad_1, dup_1, bad_2):
         assert audit(stack, correlation_id=cid) == []
     assert len(stack.mail.to(taken)) == 1
 

