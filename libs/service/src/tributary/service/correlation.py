@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 
+from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tributary.messaging import context
+from tributary.observability.tracing import CORRELATION_ID
 
 HEADER = "x-correlation-id"
 _VALID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -38,5 +40,7 @@ class CorrelationMiddleware:
                 message["headers"].append((HEADER.encode(), cid.encode()))
             await send(message)
 
+        # the server span began before the id was known: give it the id too
+        trace.get_current_span().set_attribute(CORRELATION_ID, cid)
         with context.correlated(cid):
             await self.app(scope, receive, send_with_id)
