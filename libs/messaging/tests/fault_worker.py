@@ -6,17 +6,25 @@ It consumes ``user.created`` into the table ``fault_things``, prints ``READY`` o
 consumes, and on SIGTERM stops the bus gracefully and exits 0. ``crash`` kills the process
 (no cleanup at all) on a user id starting with :data:`CRASH_MARKER`; ``slow`` spends
 ``--delay-ms`` in each handler, so that a signal finds a batch in hand.
+
+Run as ``fault_worker.py --standby`` it imports everything, then waits for its command line
+(a JSON list) on stdin, and stops when stdin closes: tests keep processes warm, so that a
+restart costs what it costs in production rather than the imports.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Field, SQLModel
@@ -31,6 +39,7 @@ from tributary.messaging.uow import UnitOfWork
 
 CRASH_MARKER = "usr_crash"
 READY = "READY"
+STANDBY = "--standby"
 
 
 class FaultThing(SQLModel, table=True):
@@ -76,19 +85,43 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def run(args: argparse.Namespace) -> int:
-    settings = isolated_settings(
-        args.broker, name_prefix=args.prefix, delivery_limit=args.delivery_limit
-    )
+def watch_stdin(
+    loop: asyncio.AbstractEventLoop, line: asyncio.Future[str], stop: asyncio.Event
+) -> None:
+    """The first line is the command line to run; the end of input (the parent is gone) stops."""
+    with contextlib.suppress(RuntimeError):  # the loop may be closed by then
+        first = sys.stdin.readline()
+        loop.call_soon_threadsafe(line.set_result, first)
+        if first:
+            sys.stdin.read()
+        loop.call_soon_threadsafe(stop.set)
+
+
+async def run(argv: Sequence[str]) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if list(argv) == [STANDBY]:
+        # imports done: what follows the command line is what a restart really costs
+        line: asyncio.Future[str] = loop.create_future()
+        threading.Thread(target=watch_stdin, args=(loop, line, stop), daemon=True).start()
+        stopped = asyncio.ensure_future(stop.wait())
+        either: list[asyncio.Future[Any]] = [line, stopped]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not line.done() or not line.result():
+            return 0
+        argv = json.loads(line.result())
+    args = parse_args(argv)
     engine = create_engine(args.db)
     await create_tables(engine)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     bus = Bus(
         args.service,
         engine,
         handlers={UserCreatedV2: handler_for(args.mode, args.delay_ms / 1000)},
-        settings=settings,
+        settings=isolated_settings(
+            args.broker, name_prefix=args.prefix, delivery_limit=args.delivery_limit
+        ),
     )
     await bus.start()
     print(READY, flush=True)
@@ -102,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
-    return asyncio.run(run(parse_args(sys.argv[1:] if argv is None else argv)))
+    return asyncio.run(run(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

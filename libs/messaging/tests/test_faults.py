@@ -8,12 +8,14 @@ ends by counting what the database committed and what the broker still holds.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -26,6 +28,7 @@ from tributary.contracts.events import UserCreatedV2
 from tributary.messaging.bus import Bus
 from tributary.messaging.db import InboxRow, OutboxRow
 from tributary.messaging.publisher import Publisher, event_message
+from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.testing import (
     OutcomeRecorder,
     delete_prefixed,
@@ -33,12 +36,12 @@ from tributary.messaging.testing import (
     queue_depth,
     read_queue,
 )
-from tributary.messaging.topology import Names, QueueSet
+from tributary.messaging.topology import Names, QueueSet, declare_queue_set
 from tributary.messaging.uow import UnitOfWork
 from tributary.testkit.infra import Found
 
 from .conftest import Thing
-from .fault_worker import CRASH_MARKER, READY, FaultThing, create_tables
+from .fault_worker import CRASH_MARKER, READY, STANDBY, FaultThing, create_tables
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 SERVICE = "faulty"
@@ -93,7 +96,9 @@ class Worker:
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
+        self.command: list[str] = []
         self.lines: list[str] = []
+        self.started = False
         self._ready = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
         self.exited = asyncio.create_task(process.wait())
@@ -112,6 +117,14 @@ class Worker:
     @property
     def running(self) -> bool:
         return not self.exited.done()
+
+    async def go(self) -> None:
+        """Hand the warm process its command line: it connects and consumes."""
+        assert self.process.stdin is not None
+        assert self.command
+        self.started = True
+        self.process.stdin.write(json.dumps(self.command).encode() + b"\n")
+        await self.process.stdin.drain()
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         ready = asyncio.create_task(self._ready.wait())
@@ -136,55 +149,122 @@ class Worker:
         done, _ = await asyncio.wait({self.exited}, timeout=timeout)
         assert done, f"the worker did not exit within {timeout} s\n{self.output()}"
         await self._reader
+        if self.process.stdin is not None:
+            self.process.stdin.close()
         return self.exited.result()
+
+
+class WarmPool:
+    """Worker processes that have done their imports and wait for a command line.
+
+    Importing the runtime costs seconds of CPU per process. Warming the next one while a test
+    runs keeps the file fast, and a restart then costs what it does under a supervisor.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._warm: list[Worker] = []
+        self._taken: list[Worker] = []
+
+    async def take(self) -> Worker:
+        while len(self._warm) <= self._size:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(WORKER),
+                STANDBY,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            self._warm.append(Worker(process))
+        worker = self._warm.pop(0)
+        self._taken.append(worker)
+        return worker
+
+    async def close(self) -> None:
+        for worker in self._warm + self._taken:
+            await worker.kill()
+
+
+@pytest.fixture(scope="module")
+async def warm_pool() -> AsyncIterator[WarmPool]:
+    pool = WarmPool(size=1)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 @dataclass
 class Consumers:
-    """Starts consumer processes of one service on the test's database and topology."""
+    """Consumer processes of one service on the test's database and topology."""
 
+    pool: WarmPool
     database_url: str
-    broker_url: str
+    settings: MessagingSettings
     names: Names
     queues: QueueSet
-    started: list[Worker] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
 
-    async def start(
-        self, mode: str = "ok", *, delay_ms: float = 1.0, delivery_limit: int = 10
+    async def prepare(
+        self, mode: str = "slow", *, delay_ms: float = 1.0, delivery_limit: int = 10
     ) -> Worker:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(WORKER),
-            *("--db", self.database_url, "--broker", self.broker_url),
+        """A warm process that starts consuming on :meth:`Worker.go`."""
+        worker = await self.pool.take()
+        worker.command = [
+            *("--db", self.database_url, "--broker", self.settings.rabbitmq_url),
             *("--prefix", self.names.prefix, "--service", SERVICE, "--mode", mode),
             *("--delay-ms", str(delay_ms), "--delivery-limit", str(delivery_limit)),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        worker = Worker(process)
-        self.started.append(worker)
+        ]
+        self.workers.append(worker)
         return worker
 
+    async def start(self, mode: str = "slow", **options: Any) -> Worker:
+        worker = await self.prepare(mode, **options)
+        await worker.go()
+        return worker
+
+    @property
+    def started(self) -> list[Worker]:
+        return [w for w in self.workers if w.started]
+
     async def stop_all(self) -> None:
-        """Graceful stop of every worker still running; each must exit 0."""
-        for worker in self.started:
-            if worker.running:
+        """Graceful stop of every running worker (each must exit 0); spares are killed."""
+        for worker in self.workers:
+            if not worker.started:
+                await worker.kill()
+            elif worker.running:
                 assert await worker.terminate() == 0, worker.output()
+
+    async def declare_topology(self, delivery_limit: int) -> None:
+        """What the worker declares at start, declared ahead so that events can wait for it."""
+        connection = await aio_pika.connect(self.settings.rabbitmq_url)
+        try:
+            await declare_queue_set(
+                connection,
+                self.names,
+                self.queues,
+                binding_keys=["user.created.*"],
+                tier_seconds=self.settings.retry_tiers,
+                delivery_limit=delivery_limit,
+            )
+        finally:
+            await connection.close()
 
 
 @pytest.fixture
 async def consumers(
-    database_url: str, engine: AsyncEngine, broker_url: str
+    warm_pool: WarmPool, database_url: str, engine: AsyncEngine, broker_url: str
 ) -> AsyncIterator[Consumers]:
     settings = isolated_settings(broker_url)
     names = Names(settings.name_prefix)
     queues = names.service_queues(SERVICE, len(settings.retry_tiers))
     await create_tables(engine)
-    spawned = Consumers(database_url, broker_url, names, queues)
+    spawned = Consumers(warm_pool, database_url, settings, names, queues)
     try:
         yield spawned
     finally:
-        for worker in spawned.started:
+        for worker in spawned.workers:
             await worker.kill()
         await delete_prefixed(broker_url, names, [queues.work, queues.dlq, *queues.retries])
 
@@ -229,7 +309,7 @@ async def assert_each_handled_once(
     assert set(ids) == {e.id for e in events}
     assert await count(engine, InboxRow) == len(events)
     await consumers.stop_all()  # unacked deliveries would now be back in the work queue
-    url, qs = consumers.broker_url, consumers.queues
+    url, qs = consumers.settings.rabbitmq_url, consumers.queues
     assert await queue_depth(url, qs.work) == 0
     assert [await queue_depth(url, q) for q in qs.retries] == [0] * len(qs.retries)
     assert await queue_depth(url, qs.dlq) == 0
@@ -245,26 +325,28 @@ async def test_a_message_that_kills_its_consumer_ends_in_the_dlq_and_the_others_
     limit = 2
     poison = user_created(new_user_id(CRASH_MARKER))
     good = [user_created(new_user_id()) for _ in range(5)]
+    # all in the queue before the first delivery: the consumer holds them all at each crash
+    await consumers.declare_topology(delivery_limit=limit)
+    await publish(broker_url, consumers.names, [*good[:2], poison, *good[2:]])
     worker = await consumers.start("crash", delivery_limit=limit)
-    await worker.wait_ready()
-    await publish(broker_url, consumers.names, [poison])
-    await publish(broker_url, consumers.names, good)
+    spare = await consumers.prepare("crash", delivery_limit=limit)
 
     async def every_event_came_to_rest() -> bool:
         dead = await queue_depth(broker_url, consumers.queues.dlq)
         return dead >= 1 and dead + await count(engine, FaultThing) == 1 + len(good)
 
-    crashes = 0
     while not await wait_until(
         every_event_came_to_rest, what="the DLQ and the database", while_alive=worker
     ):
         assert await worker.exited == 1, worker.output()
-        crashes += 1
-        assert crashes <= 10, "the crash loop did not end: no delivery limit on the work queue?"
-        worker = await consumers.start("crash", delivery_limit=limit)
+        assert len(consumers.started) <= 10, "endless crash loop: no delivery limit?"
+        worker, spare = spare, await consumers.prepare("crash", delivery_limit=limit)
+        await worker.go()
 
+    await spare.kill()
+    exit_codes = [await w.terminate() for w in consumers.started]
     # the broker delivers delivery_limit + 1 times, then dead-letters on the last return
-    assert crashes == limit + 1
+    assert exit_codes.count(1) == limit + 1, exit_codes
     dead = await read_queue(
         broker_url, consumers.queues.dlq, expect=await queue_depth(broker_url, consumers.queues.dlq)
     )
@@ -287,31 +369,35 @@ async def test_a_consumer_killed_mid_batch_loses_nothing_and_handles_nothing_twi
 ) -> None:
     events = [user_created(new_user_id()) for _ in range(STREAM)]
     worker = await consumers.start("slow")
+    replacement = await consumers.prepare("slow")
     await worker.wait_ready()
     await publish(broker_url, consumers.names, events)
     await wait_until(lambda: _more_than(engine, 200), what="200 handled events", while_alive=worker)
 
     await worker.kill()
     assert await count(engine, FaultThing) < STREAM, "killed too late to be mid-stream"
-    await (await consumers.start("slow")).wait_ready()
+    await replacement.go()
+    await replacement.wait_ready()
     await wait_until(
         lambda: _more_than(engine, STREAM - 1), what=f"{STREAM} handled events", timeout=120
     )
     await assert_each_handled_once(engine, consumers, events)
 
 
-async def test_a_consumer_stopped_mid_batch_commits_it_hands_back_the_rest_and_exits_0(
+async def test_a_consumer_stopped_mid_batch_finishes_it_hands_back_the_rest_and_exits_0(
     consumers: Consumers, engine: AsyncEngine, broker_url: str
 ) -> None:
     events = [user_created(new_user_id()) for _ in range(STREAM)]
     worker = await consumers.start("slow")
+    replacement = await consumers.prepare("slow")
     await worker.wait_ready()
     await publish(broker_url, consumers.names, events)
     await wait_until(lambda: _more_than(engine, 200), what="200 handled events", while_alive=worker)
 
+    before = await count(engine, FaultThing)
     assert await worker.terminate() == 0, worker.output()
     handled = await count(engine, FaultThing)
-    assert handled < STREAM, "stopped too late to be mid-stream"
+    assert before < handled < STREAM, "no batch in hand at SIGTERM, or stopped too late"
     # nothing committed waits for redelivery, nothing uncommitted was lost
     await wait_until(
         lambda: _depth_is(broker_url, consumers.queues.work, STREAM - handled),
@@ -321,7 +407,8 @@ async def test_a_consumer_stopped_mid_batch_commits_it_hands_back_the_rest_and_e
     unsettled = [line for line in worker.lines if "not settled" in line or "ack/nack" in line]
     assert unsettled == [], worker.output()
 
-    await (await consumers.start("slow")).wait_ready()
+    await replacement.go()
+    await replacement.wait_ready()
     await wait_until(
         lambda: _more_than(engine, STREAM - 1), what=f"{STREAM} handled events", timeout=120
     )
@@ -410,8 +497,8 @@ async def test_a_broker_restart_during_an_outbox_stream_loses_nothing_and_handle
     try:
         await wait_until(lambda: _things_more_than(engine, 200), what="200 handled events")
         written_before_outage = len(written)
-        await rabbitmqctl("stop_app")
         try:
+            await rabbitmqctl("stop_app")
             await asyncio.sleep(3)  # the outage itself
         finally:
             await rabbitmqctl("start_app")
@@ -423,7 +510,7 @@ async def test_a_broker_restart_during_an_outbox_stream_loses_nothing_and_handle
         await wait_until(
             lambda: _consumed_by_one(qs.work),
             what=f"one consumer on {qs.work} after recovery",
-            timeout=90,
+            timeout=60,
         )
         await wait_until(
             lambda: _things_more_than(engine, total - 1), what=f"{total} Things", timeout=120

@@ -25,7 +25,8 @@ from aio_pika.abc import (
 from aiormq.exceptions import ChannelInvalidStateError, DeliveryError
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
-from sqlalchemy import event, update
+from sqlalchemy import update
+from sqlalchemy.event import listen, remove
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 
@@ -135,11 +136,11 @@ class RelayFetches:
         self.count = 0
 
     def __enter__(self) -> RelayFetches:
-        event.listen(self._engine, "after_cursor_execute", self._executed)
+        listen(self._engine, "after_cursor_execute", self._executed)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        event.remove(self._engine, "after_cursor_execute", self._executed)
+        remove(self._engine, "after_cursor_execute", self._executed)
 
     def _executed(self, *args: Any) -> None:
         statement = str(args[2])

@@ -229,7 +229,7 @@ async def test_a_retried_event_comes_back_only_to_the_service_that_failed(
 
     async def fails_once_on_the_event(event_: CloudEvent[UserCreatedV2], uow: UnitOfWork) -> None:
         flaky_calls.append(event_.id)
-        if flaky_calls.count(event["id"]) == 1 and event_.id == event["id"]:
+        if event_.id == event["id"] and flaky_calls.count(event_.id) == 1:
             raise ConnectionError("search index briefly unavailable")
 
     async def succeeds(event_: CloudEvent[UserCreatedV2], uow: UnitOfWork) -> None:

@@ -463,9 +463,6 @@ class QueueConsumer:
         )
         # confirmed in the DLQ before the original is acked: never lost in between
         await self._publisher.publish(self._names.dlx, self.queues.dlq, copy)
-        log.warning(
-            "dead-lettered %s from %s: %s", message.message_id, self.queues.consumer, reason
-        )
         event_id: str | None = message.message_id
         event_type: str | None = message.type
         replay = headers.is_replay(message)
@@ -496,6 +493,25 @@ class QueueConsumer:
         )
         for listener in self._listeners:
             listener(record)
+        level = logging.WARNING if outcome in ("retried", "dead_lettered") else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "%s %s on %s%s",
+                outcome,
+                event_type,
+                self.queues.consumer,
+                f" ({reason})" if reason else "",
+                extra={
+                    "event_id": event_id,
+                    "event_type": event_type,
+                    "consumer": self.queues.consumer,
+                    "outcome": outcome,
+                    "reason": reason,
+                    "attempt": prepared.ctx.attempt if prepared else None,
+                    "correlation_id": prepared.event.correlationid if prepared else None,
+                },
+            )
 
     @staticmethod
     async def _settle(op: Awaitable[None]) -> None:

@@ -14,7 +14,16 @@ from tributary.contracts.pii import scrub_text
 from tributary.messaging import context
 
 # fields a log call may pass with ``extra=``; anything else is dropped (it might be PII)
-EXTRA_FIELDS = ("event_id", "event_type", "consumer", "attempt", "outcome", "reason", "queue")
+EXTRA_FIELDS = (
+    "correlation_id",
+    "event_id",
+    "event_type",
+    "consumer",
+    "attempt",
+    "outcome",
+    "reason",
+    "queue",
+)
 
 
 class JsonFormatter(logging.Formatter):
