@@ -133,6 +133,7 @@ class QueueConsumer:
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._cautious = False
+        self._stopping = False
         self._speedup: asyncio.Task[None] | None = None
         self._retrying = AsyncRetrying(
             stop=stop_after_attempt(settings.inprocess_retries),
@@ -147,7 +148,9 @@ class QueueConsumer:
 
     async def start(self, connection: AbstractConnection) -> None:
         self._channel = await connection.channel()
-        self._queue = await self._channel.get_queue(self.queues.work, ensure=False)
+        # ensure=True registers the queue with the robust channel: only then are it and its
+        # consumer restored after a reconnect
+        self._queue = await self._channel.get_queue(self.queues.work, ensure=True)
         self._workers = [
             asyncio.create_task(self._work(), name=f"{self.queues.work}-worker-{n}")
             for n in range(self._settings.concurrency)
@@ -180,19 +183,17 @@ class QueueConsumer:
         )
 
     async def stop(self) -> None:
-        """Stop consuming, finish the batches in hand, hand back what waits, close."""
+        """Finish the batches in hand and ack them, then stop consuming and close.
+
+        Deliveries not yet started are left unacked: closing the channel hands them back.
+        (Acks sent just before a quorum queue's channel closes can be lost by RabbitMQ 3.x; the
+        acks go out before the cancel and the close, and the inbox absorbs any redelivery.)
+        """
+        self._stopping = True
         if self._speedup is not None:
             await asyncio.gather(self._speedup, return_exceptions=True)
-        if self._queue is not None and self._tag is not None:
-            try:
-                await asyncio.wait_for(self._queue.cancel(self._tag), _CLOSE_TIMEOUT)
-            except Exception as exc:  # channel already gone: the broker requeues for us
-                log.debug("cancel of %s failed: %s", self.queues.work, exc)
-            self._tag = None
         while not self._pending.empty():
-            message = self._pending.get_nowait()
-            if message is not None:
-                await self._settle(message.nack(requeue=True))
+            self._pending.get_nowait()
         for _ in self._workers:
             self._pending.put_nowait(None)
         if self._workers:
@@ -201,6 +202,12 @@ class QueueConsumer:
             )
             for task in late:
                 task.cancel()
+        if self._queue is not None and self._tag is not None:
+            try:
+                await asyncio.wait_for(self._queue.cancel(self._tag), _CLOSE_TIMEOUT)
+            except Exception as exc:  # channel already gone: the broker requeues for us
+                log.debug("cancel of %s failed: %s", self.queues.work, exc)
+            self._tag = None
         if self._channel is not None and not self._channel.is_closed:
             try:
                 await asyncio.wait_for(self._channel.close(), _CLOSE_TIMEOUT)
@@ -208,6 +215,8 @@ class QueueConsumer:
                 log.debug("closing the channel of %s failed: %s", self.queues.work, exc)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._stopping:
+            return  # left unacked: the channel's close hands it back to the broker
         self._pending.put_nowait(message)
         if self._cautious and not message.redelivered:
             self._cautious = False
