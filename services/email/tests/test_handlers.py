@@ -198,7 +198,7 @@ async def test_a_4xx_reply_is_raised_for_a_retry_and_the_retry_sends_once(
 async def test_a_replayed_delivery_sends_and_records_nothing(
     uow: FakeUnitOfWork, mailer: FakeMailer, delivery: Delivery
 ) -> None:
-    uow.is_replay = True
+    uow.is_replay = uow.suppress_side_effects = True
 
     await on_user_created(user_created(), cast(Any, uow), delivery)
     await on_subscription_activated(subscription_activated(), cast(Any, uow), delivery)
@@ -335,3 +335,14 @@ async def test_a_changed_address_is_where_later_mail_goes(tmp_path: Path) -> Non
         recipient = await uow.session.get(Recipient, "usr_0123456789")
         assert recipient is not None
         assert recipient.email == "new@example.com"
+
+
+async def test_a_forced_replay_sends_what_was_never_sent(
+    uow: FakeUnitOfWork, mailer: FakeMailer, delivery: Delivery
+) -> None:
+    uow.is_replay, uow.suppress_side_effects = True, False  # eventctl replay ... --force
+
+    await on_user_created(user_created(), cast(Any, uow), delivery)
+
+    assert mailer.attempts == 1
+    assert [r.status for r in await emails(uow)] == ["sent"]

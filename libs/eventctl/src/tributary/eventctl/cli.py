@@ -1,18 +1,20 @@
 """``eventctl``: the operator CLI.
 
-Commands are grouped (``eventctl <group> <command>``) so that more groups (``dlq``,
-``replay``) can be added next to ``contracts``.
+Commands are grouped (``eventctl <group> <command>``): ``contracts check``, ``dlq list``,
+``dlq replay``, ``dlq archive`` and ``replay outbox``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from tributary.contracts.catalog import CatalogError
 from tributary.contracts.compat import (
@@ -23,8 +25,9 @@ from tributary.contracts.compat import (
     default_base,
     materialize_ref,
 )
+from tributary.eventctl.commands import add_dlq_commands, add_replay_commands
 
-Handler = Callable[[argparse.Namespace], int]
+Handler = Callable[[argparse.Namespace], int | Coroutine[Any, Any, int]]
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -100,7 +103,13 @@ def _contracts_check(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eventctl", description="Tributary operator CLI.")
     groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
+    _add_contracts(groups)
+    add_dlq_commands(groups)
+    add_replay_commands(groups)
+    return parser
 
+
+def _add_contracts(groups: Any) -> None:
     contracts = groups.add_parser("contracts", help="event contract tooling")
     contracts_cmds = contracts.add_subparsers(dest="command", metavar="COMMAND", required=True)
     check = contracts_cmds.add_parser(
@@ -129,13 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="contracts directory to check (default: <repo>/contracts)",
     )
     check.set_defaults(handler=_contracts_check)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
-    return handler(args)
+    outcome = handler(args)
+    return outcome if isinstance(outcome, int) else asyncio.run(outcome)
+
+
+async def main_async(argv: Sequence[str] | None = None) -> int:
+    """:func:`main` for callers already inside an event loop."""
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    outcome = handler(args)
+    return outcome if isinstance(outcome, int) else await outcome
 
 
 if __name__ == "__main__":

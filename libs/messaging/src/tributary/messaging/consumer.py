@@ -311,6 +311,7 @@ class QueueConsumer:
                 consumer=self.queues.consumer,
                 attempt=headers.int_header(message, headers.ATTEMPTS) + 1,
                 is_replay=headers.is_replay(message),
+                replay_forced=headers.is_forced_replay(message),
             ),
         )
 

@@ -24,6 +24,8 @@ class MessageContext:
     attempt: int = 1
     is_replay: bool = False
     """Set by replay tooling: handlers suppress irreversible side effects unless forced."""
+    replay_forced: bool = False
+    """Replay tooling's ``--force``: the operator wants irreversible side effects redone."""
 
 
 _EMPTY = MessageContext()

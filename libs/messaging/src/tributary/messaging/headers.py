@@ -18,6 +18,7 @@ FIRST_FAILURE = "x-tributary-first-failure"
 LAST_FAILURE = "x-tributary-last-failure"
 ROUTING_KEY = "x-tributary-routing-key"
 REPLAY = "x-tributary-replay"
+REPLAY_FORCED = "x-tributary-replay-forced"
 
 # broker bookkeeping that must not travel with a copy (it would accumulate)
 _DROP = ("x-death", "x-delivery-count", "x-first-death-", "x-last-death-")
@@ -43,8 +44,17 @@ def original_routing_key(message: AbstractIncomingMessage) -> str:
     return text(header(message, ROUTING_KEY) or message.routing_key or "")
 
 
+def _flag(message: AbstractIncomingMessage, name: str) -> bool:
+    return text(header(message, name, "")).lower() in {"1", "true", "yes"}
+
+
 def is_replay(message: AbstractIncomingMessage) -> bool:
-    return text(header(message, REPLAY, "")).lower() in {"1", "true", "yes"}
+    return _flag(message, REPLAY)
+
+
+def is_forced_replay(message: AbstractIncomingMessage) -> bool:
+    """Replay tooling's ``--force``: redo irreversible side effects too."""
+    return is_replay(message) and _flag(message, REPLAY_FORCED)
 
 
 def now_iso() -> str:

@@ -81,6 +81,12 @@ class UnitOfWork:
         self._on_commit = on_commit
 
     @property
+    def suppress_side_effects(self) -> bool:
+        """A replay not forced by the operator: skip irreversible side effects (mail, money)."""
+        ctx = context.current()
+        return ctx.is_replay and not ctx.replay_forced
+
+    @property
     def is_replay(self) -> bool:
         """True while handling a replayed delivery: suppress irreversible side effects."""
         return context.current().is_replay

@@ -47,6 +47,7 @@ class FakeUnitOfWork:
     session: AsyncSession
     outbox: FakeOutbox = field(default_factory=FakeOutbox)
     is_replay: bool = False
+    suppress_side_effects: bool = False
 
 
 @asynccontextmanager

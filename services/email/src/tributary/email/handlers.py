@@ -5,8 +5,8 @@ Exactly-once is not on offer over SMTP; this is how close the service gets:
 * every email has a **logical key** (``welcome:{user_id}``,
   ``subscription_activated:{subscription_id}``, ``send:{request_id}``) and a row in ``emails``
   keyed by it. A key that has a row is never sent again, whatever event id, version or
-  redelivery carries it. A replayed delivery (``uow.is_replay``) sends nothing and records
-  no email (user.created still refreshes the ``recipients`` projection).
+  redelivery carries it. A replayed delivery (``uow.is_replay``, unless forced) sends nothing
+  and records no email (user.created still refreshes the ``recipients`` projection).
 * the row is flushed *before* the SMTP conversation, inside the handler's transaction: on
   PostgreSQL a competing consumer handling the same logical email blocks on the unique key
   until this transaction ends, then fails, is retried, finds the row and does nothing (on
@@ -83,10 +83,10 @@ class RecipientNotYetKnown(Exception):
 
 
 def replayed(uow: UnitOfWork, template: Template) -> bool:
-    """True (and logged) when the delivery is a replay: nothing is sent or recorded."""
-    if uow.is_replay:
+    """True (and logged) for a replay not forced: nothing is sent or recorded."""
+    if uow.suppress_side_effects:
         log.info("replayed delivery: %s email not sent", template)
-    return uow.is_replay
+    return uow.suppress_side_effects
 
 
 def compose(mail: Outgoing, from_address: str, message_id: str) -> EmailMessage:

@@ -1,0 +1,239 @@
+"""DLQ operations: list (nothing removed), replay to the work queue, archive to a file.
+
+Every operation reads through a :class:`HeldReader`, so a message is removed from the DLQ
+only by an explicit ack, and only after its copy is confirmed by the broker (replay) or
+fsynced to the archive (archive). Whatever is not selected, or fails, stays in the DLQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import aio_pika
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+
+from tributary.eventctl.archive import ArchiveFile, record
+from tributary.eventctl.broker import HeldReader, require_queue
+from tributary.eventctl.entries import DlqEntry, Selector, original_routing_key
+from tributary.eventctl.report import Counts
+from tributary.messaging import headers as h
+from tributary.messaging.publisher import Publisher
+from tributary.messaging.topology import QueueSet
+
+# what the runtime adds when it gives up on a message: a replayed copy starts afresh
+FAILURE_HEADERS = frozenset(
+    {h.REASON, h.ERROR, h.CONSUMER, h.ATTEMPTS, h.RETRIES, h.FIRST_FAILURE, h.LAST_FAILURE}
+)
+# broker bookkeeping (dead-lettering, quorum-queue redeliveries)
+BROKER_HEADERS = ("x-death", "x-delivery-count", "x-first-death-", "x-last-death-")
+
+Identity = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What to act on: the filters, and at most ``limit`` selected messages."""
+
+    selector: Selector
+    limit: int | None = None
+
+    def full(self, counts: Counts) -> bool:
+        return self.limit is not None and counts.selected >= self.limit
+
+
+def replay_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
+    """The original body and properties, without the failure and broker headers."""
+    headers = {
+        k: v
+        for k, v in (message.headers or {}).items()
+        if k not in FAILURE_HEADERS and not k.startswith(BROKER_HEADERS)
+    }
+    if h.ROUTING_KEY not in headers and (key := original_routing_key(message)):
+        headers[h.ROUTING_KEY] = key
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+        # user_id is left out: the broker rejects one that is not the publishing user
+    )
+
+
+def identity(message: AbstractIncomingMessage) -> Identity | None:
+    """Two DLQ copies with the same id and body are the same message."""
+    if not message.message_id:
+        return None
+    return message.message_id, hashlib.sha256(message.body).hexdigest()
+
+
+async def list_entries(
+    connection: AbstractConnection, dlq: str, scope: Scope
+) -> tuple[list[DlqEntry], Counts]:
+    """The selected messages of ``dlq``; every message stays where it is."""
+    counts, entries = Counts(duplicate=None), []
+    async with HeldReader(connection, dlq) as reader:
+        async for message in reader:
+            counts.scanned += 1
+            entry = DlqEntry.of(message)
+            if not scope.selector.matches(entry):
+                counts.skipped += 1
+                continue
+            counts.selected += 1
+            entries.append(entry)
+            if scope.full(counts):
+                break
+    return entries, counts
+
+
+async def replay(
+    connection: AbstractConnection,
+    queues: QueueSet,
+    scope: Scope,
+    *,
+    batch: int,
+    dry_run: bool,
+) -> Counts:
+    """Republish selected messages to ``queues.work``; ack each DLQ copy after its confirm."""
+    await require_queue(connection, queues.work)
+    publisher = Publisher(connection, in_flight=batch)
+    await publisher.open()
+    try:
+        async with HeldReader(connection, queues.dlq) as reader:
+            run = _Replay(reader, publisher, queues.work, batch)
+            await run.run(scope, dry_run=dry_run)
+            return run.counts
+    finally:
+        await publisher.close()
+
+
+class _Replay:
+    """Republishes in batches of ``batch`` confirms in flight; stops after a failed batch.
+
+    A second copy of a message (same id and body) is not republished: it is removed as a
+    duplicate once the first copy is confirmed, and stays in the DLQ if that failed.
+    """
+
+    def __init__(self, reader: HeldReader, publisher: Publisher, target: str, batch: int) -> None:
+        self.counts = Counts()
+        self._reader = reader
+        self._publisher = publisher
+        self._target = target
+        self._batch = batch
+        self._seen: set[Identity] = set()
+        self._confirmed: set[Identity] = set()
+        self._originals: list[AbstractIncomingMessage] = []
+        self._copies: list[AbstractIncomingMessage] = []
+
+    async def run(self, scope: Scope, *, dry_run: bool) -> None:
+        counts = self.counts
+        async for message in self._reader:
+            counts.scanned += 1
+            if not scope.selector.matches(DlqEntry.of(message)):
+                counts.skipped += 1
+                continue
+            counts.selected += 1
+            key = identity(message)
+            if key is not None and key in self._seen:
+                if dry_run:
+                    counts.duplicate = (counts.duplicate or 0) + 1
+                else:
+                    self._copies.append(message)
+            else:
+                if key is not None:
+                    self._seen.add(key)
+                if not dry_run:
+                    self._originals.append(message)
+            if len(self._originals) >= self._batch and not await self._flush():
+                return
+            if scope.full(counts):
+                break
+        await self._flush()
+
+    async def _flush(self) -> bool:
+        originals, copies = list(self._originals), list(self._copies)
+        self._originals.clear()
+        self._copies.clear()
+        results = await asyncio.gather(*map(self._republish, originals), return_exceptions=True)
+        for message, result in zip(originals, results, strict=True):
+            if isinstance(result, BaseException):
+                self.counts.failed += 1
+                print(
+                    f"eventctl: {message.message_id} not republished "
+                    f"({type(result).__name__}: {result}); it stays in the DLQ",
+                    file=sys.stderr,
+                )
+        for message in copies:
+            if identity(message) in self._confirmed:
+                self.counts.duplicate = (self.counts.duplicate or 0) + 1
+                await _remove(self._reader, message, self.counts)
+            else:
+                self.counts.failed += 1
+        return not any(isinstance(r, BaseException) for r in results)
+
+    async def _republish(self, message: AbstractIncomingMessage) -> None:
+        await self._publisher.publish("", self._target, replay_copy(message))
+        self.counts.republished += 1
+        if (key := identity(message)) is not None:
+            self._confirmed.add(key)
+        await _remove(self._reader, message, self.counts)
+
+
+async def archive(
+    connection: AbstractConnection,
+    dlq: str,
+    scope: Scope,
+    path: Path,
+    *,
+    batch: int,
+    dry_run: bool,
+) -> Counts:
+    """Append selected messages to ``path``; ack them once the file is fsynced."""
+    counts = Counts(duplicate=None)
+    out = ArchiveFile(path)
+    try:
+        async with HeldReader(connection, dlq) as reader:
+            pending: list[AbstractIncomingMessage] = []
+
+            async def flush() -> None:
+                out.write([record(dlq, m) for m in pending])
+                counts.archived += len(pending)
+                for message in pending:
+                    await _remove(reader, message, counts)
+                pending.clear()
+
+            async for message in reader:
+                counts.scanned += 1
+                if not scope.selector.matches(DlqEntry.of(message)):
+                    counts.skipped += 1
+                    continue
+                counts.selected += 1
+                if not dry_run:
+                    pending.append(message)
+                    if len(pending) >= batch:
+                        await flush()
+                if scope.full(counts):
+                    break
+            await flush()
+    finally:
+        out.close()
+    return counts
+
+
+async def _remove(reader: HeldReader, message: AbstractIncomingMessage, counts: Counts) -> None:
+    try:
+        await reader.ack(message)
+    except Exception as exc:  # channel gone: the broker requeued it, so it is in both places
+        counts.unacked += 1
+        print(f"eventctl: {message.message_id} could not be removed: {exc!r}", file=sys.stderr)
