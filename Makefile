@@ -45,5 +45,5 @@ demo-down:  ## stop the demo stack (docker compose down -v also deletes its data
 compose-check: sync  ## validate docker-compose.yml with the real Compose v2 (no Docker engine needed)
 	$(RUN) pytest -q -p no:cacheprovider tests/test_compose.py
 
-bench: sync  ## benchmarks; figures go to bench/RESULTS.md
-	@echo "no benchmarks yet: they arrive with the messaging runtime" >&2; exit 1
+bench: sync  ## benchmarks (not tests: figures and ratios, recorded in bench/RESULTS.md)
+	$(UV) run --frozen --group bench python -m bench.messaging_bench

@@ -1,0 +1,318 @@
+"""Benchmark helpers: clocks, RSS, percentiles, 1 KB events, pipelined publishing, databases."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import aio_pika
+from aio_pika.abc import AbstractExchange
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import Field, SQLModel
+
+from tributary.contracts.envelope import new_event
+from tributary.contracts.events import UserCreatedV2
+from tributary.messaging.consumer import OutcomeRecord
+from tributary.messaging.db import create_engine, create_runtime_tables
+from tributary.messaging.publisher import event_message
+from tributary.testkit.infra import create_postgres_database, drop_postgres_database
+
+DbKind = Literal["sqlite", "postgres"]
+ROUTING_KEY = "user.created.v2"
+
+
+class BenchThing(SQLModel, table=True):
+    """The one domain row every benchmark handler writes per event."""
+
+    __tablename__ = "bench_things"
+
+    event_id: str = Field(primary_key=True, max_length=200)
+    user_id: str = Field(max_length=64)
+
+
+# -- measuring -----------------------------------------------------------------------------
+
+
+class Clock:
+    """Counts completions; the rate is taken from the first to the last one (N-1 intervals).
+
+    Also an outcome listener for ``Bus.listeners``: anything but ``processed`` is counted apart.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.count = 0
+        self.first: float | None = None
+        self.last: float | None = None
+        self.unexpected: list[str] = []
+        self.done = asyncio.Event()
+        self.marks: dict[int, Any] = {}
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.count += 1
+        if self.count >= self.n:
+            self.done.set()
+
+    def __call__(self, record: OutcomeRecord) -> None:
+        if record.outcome != "processed":
+            self.unexpected.append(f"{record.outcome}:{record.reason}")
+        self.tick()
+
+    async def wait(self, timeout: float, what: str) -> None:
+        try:
+            await asyncio.wait_for(self.done.wait(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{what}: {self.count} of {self.n} after {timeout:.0f} s") from None
+
+    @property
+    def seconds(self) -> float:
+        if self.first is None or self.last is None:
+            return float("nan")
+        return self.last - self.first
+
+    @property
+    def measured(self) -> Measured:
+        """First to last completion: ``count - 1`` intervals."""
+        return Measured(max(self.count - 1, 0), self.seconds)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """``count`` messages in ``seconds``; measurements of one contender add up across rounds."""
+
+    count: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else float("nan")
+
+    def __add__(self, other: Measured) -> Measured:
+        return Measured(self.count + other.count, self.seconds + other.seconds)
+
+
+def rss_kib() -> int:
+    """Resident set size of this process (``VmRSS`` in /proc/self/status), KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (``p`` in 0..100)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, round(p / 100 * len(ordered) + 0.5 - 1e-9))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+async def wait_until(predicate: Any, *, timeout: float, what: str, poll: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(poll)
+
+
+# -- events --------------------------------------------------------------------------------
+
+_ID = "00000000-0000-4000-8000-00000000ffff"
+_USER = "usr_" + "Q" * 32
+
+
+def user_created_payload(user_id: str = _USER) -> UserCreatedV2:
+    """A realistic ``user.created.v2`` whose names are long enough for a ~1 KB envelope."""
+    return UserCreatedV2(
+        user_id=user_id,
+        email="augusta.ada.king-noel@analytical-engine.example.co.uk",
+        given_name="Augusta Ada Byron " + "A" * 138,
+        family_name="King-Noel, Countess of Lovelace " + "L" * 150,
+        plan="starter",
+        locale="en-GB",
+        created_at=datetime(2024, 12, 10, 9, 30, tzinfo=UTC),
+    )
+
+
+def _template() -> bytes:
+    event = new_event(
+        routing_key=ROUTING_KEY,
+        source="/services/identity",
+        data=user_created_payload(),
+        correlationid=str(uuid.uuid4()),
+        causationid=str(uuid.uuid4()),
+        event_id=_ID,
+    )
+    event = event.model_copy(
+        update={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    )
+    return event.to_bytes()
+
+
+@dataclass
+class Events:
+    """``n`` distinct user.created.v2 envelopes (unique id and user id each), ~1 KB."""
+
+    ids: list[str]
+    bodies: list[bytes]
+    created: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @classmethod
+    def make(cls, n: int) -> Events:
+        template = _template()
+        ids: list[str] = []
+        bodies: list[bytes] = []
+        for _ in range(n):
+            event_id = str(uuid.uuid4())
+            body = template.replace(_ID.encode(), event_id.encode()).replace(
+                _USER.encode(), f"usr_{uuid.uuid4().hex}".encode()
+            )
+            ids.append(event_id)
+            bodies.append(body)
+        return cls(ids, bodies)
+
+    def message(self, i: int) -> aio_pika.Message:
+        """The message the outbox relay would publish for event ``i``."""
+        return event_message(
+            self.bodies[i],
+            event_id=self.ids[i],
+            routing_key=ROUTING_KEY,
+            app_id="identity",
+            correlation_id=self.ids[i],
+            timestamp=self.created,
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.bodies[0])
+
+
+async def publish_pipelined(
+    exchange: AbstractExchange,
+    routing_key: str,
+    events: Events,
+    *,
+    in_flight: int = 256,
+    mandatory: bool = True,
+) -> float:
+    """Publish every event with up to ``in_flight`` confirms outstanding; returns seconds."""
+    limit = asyncio.Semaphore(in_flight)
+
+    async def one(i: int) -> None:
+        async with limit:
+            await exchange.publish(events.message(i), routing_key, mandatory=mandatory)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(len(events.bodies))))
+    return time.perf_counter() - start
+
+
+async def prefill(url: str, queue: str, arguments: dict[str, Any], events: Events) -> None:
+    """Declare ``queue`` (durable, ``arguments``) and fill it with ``events`` (confirmed)."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.declare_queue(queue, durable=True, arguments=arguments)
+        await publish_pipelined(channel.default_exchange, queue, events)
+    finally:
+        await connection.close()
+
+
+async def delete_queues(url: str, queues: Sequence[str], exchanges: Sequence[str] = ()) -> None:
+    """Delete what a figure declared; waits up to a minute for a broker that is restarting."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            connection = await aio_pika.connect(url)
+            break
+        except (ConnectionError, aio_pika.exceptions.AMQPConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1)
+    try:
+        for name in queues:
+            channel = await connection.channel()
+            await channel.queue_delete(name)
+        for name in exchanges:
+            channel = await connection.channel()
+            await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+async def rabbitmq_version(url: str) -> str:
+    connection = await aio_pika.connect(url)
+    try:
+        underlay = connection.transport
+        props: dict[str, Any] = underlay.connection.server_properties if underlay else {}
+        version = props.get("version", "?")
+        return version.decode() if isinstance(version, bytes) else str(version)
+    finally:
+        await connection.close()
+
+
+# -- databases -----------------------------------------------------------------------------
+
+
+@dataclass
+class Databases:
+    """Makes fresh, empty databases (an SQLite file, or a new PostgreSQL database)."""
+
+    postgres_server: str
+    tmp: Path
+    created: list[str] = field(default_factory=list)
+
+    @asynccontextmanager
+    async def fresh(self, kind: DbKind) -> AsyncIterator[AsyncEngine]:
+        name = f"bench_{uuid.uuid4().hex[:12]}"
+        if kind == "sqlite":
+            url = f"sqlite+aiosqlite:///{self.tmp / (name + '.db')}"
+        else:
+            url = await create_postgres_database(self.postgres_server, name)
+        engine = create_engine(url)
+        try:
+            await create_runtime_tables(engine)
+            async with engine.begin() as conn:
+                await conn.run_sync(
+                    lambda c: SQLModel.metadata.create_all(
+                        c, tables=[SQLModel.metadata.tables["bench_things"]]
+                    )
+                )
+            yield engine
+        finally:
+            await engine.dispose()
+            if kind == "postgres":
+                await drop_postgres_database(self.postgres_server, name)
+            else:
+                for suffix in ("", "-wal", "-shm"):
+                    (self.tmp / f"{name}.db{suffix}").unlink(missing_ok=True)
+
+
+@asynccontextmanager
+async def databases(postgres_server: str) -> AsyncIterator[Databases]:
+    with tempfile.TemporaryDirectory(prefix="tributary-bench-") as tmp:
+        yield Databases(postgres_server, Path(tmp))
+
+
+async def count_rows(engine: AsyncEngine, sql: str) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(text(sql))).scalar_one())
+
+
+async def postgres_version(engine: AsyncEngine) -> str:
+    async with engine.connect() as conn:
+        return str((await conn.execute(text("SHOW server_version"))).scalar_one())
