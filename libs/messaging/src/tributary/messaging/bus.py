@@ -165,10 +165,11 @@ class Bus:
         if self._connection is None:
             return {}
         depths: dict[str, int] = {}
+        # a fresh, plain channel: a robust channel answers a passive declare from its cache
         channel = await self._connection.channel()
         try:
             for name in queues:
-                declared = await channel.declare_queue(name, passive=True)
+                declared = await channel.declare_queue(name, passive=True, robust=False)
                 depths[name] = int(declared.declaration_result.message_count or 0)
         finally:
             await channel.close()

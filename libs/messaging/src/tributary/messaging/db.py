@@ -106,7 +106,8 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     if "poolclass" not in kwargs:  # a NullPool (migrations) takes no sizing arguments
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 10)
-        kwargs.setdefault("pool_pre_ping", True)
+    # no pool_pre_ping: it costs a round trip per transaction, and a connection that died with
+    # the server fails its transaction, which the consumer retries and the relay backs off from
     return create_async_engine(url, **kwargs)
 
 
