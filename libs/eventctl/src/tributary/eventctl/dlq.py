@@ -28,8 +28,6 @@ from tributary.messaging.topology import QueueSet
 FAILURE_HEADERS = frozenset(
     {h.REASON, h.ERROR, h.CONSUMER, h.ATTEMPTS, h.RETRIES, h.FIRST_FAILURE, h.LAST_FAILURE}
 )
-# broker bookkeeping (dead-lettering, quorum-queue redeliveries)
-BROKER_HEADERS = ("x-death", "x-delivery-count", "x-first-death-", "x-last-death-")
 
 Identity = tuple[str, str]
 
@@ -47,28 +45,10 @@ class Scope:
 
 def replay_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
     """The original body and properties, without the failure and broker headers."""
-    headers = {
-        k: v
-        for k, v in (message.headers or {}).items()
-        if k not in FAILURE_HEADERS and not k.startswith(BROKER_HEADERS)
-    }
-    if h.ROUTING_KEY not in headers and (key := original_routing_key(message)):
-        headers[h.ROUTING_KEY] = key
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-        # user_id is left out: the broker rejects one that is not the publishing user
-    )
+    extra = {}
+    if h.ROUTING_KEY not in (message.headers or {}) and (key := original_routing_key(message)):
+        extra[h.ROUTING_KEY] = key
+    return h.copy_of(message, extra, drop=FAILURE_HEADERS)
 
 
 def identity(message: AbstractIncomingMessage) -> Identity | None:

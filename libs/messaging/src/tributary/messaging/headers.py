@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +21,7 @@ REPLAY = "x-tributary-replay"
 REPLAY_FORCED = "x-tributary-replay-forced"
 
 # broker bookkeeping that must not travel with a copy (it would accumulate)
-_DROP = ("x-death", "x-delivery-count", "x-first-death-", "x-last-death-")
+BROKER_HEADERS = ("x-death", "x-delivery-count", "x-first-death-", "x-last-death-")
 
 
 def text(value: Any) -> str:
@@ -61,23 +61,33 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def copy_of(message: AbstractIncomingMessage, extra: Mapping[str, Any]) -> aio_pika.Message:
-    """The same body and properties, broker bookkeeping dropped, ``extra`` headers added."""
+def copy_of(
+    message: AbstractIncomingMessage,
+    extra: Mapping[str, Any],
+    *,
+    drop: Collection[str] = (),
+) -> aio_pika.Message:
+    """The same body and properties, broker bookkeeping and ``drop`` left out, ``extra`` added.
+
+    ``user_id`` is left out: the broker rejects one that is not the publishing user.
+    """
     headers = {
         k: v
         for k, v in (message.headers or {}).items()
-        if not k.startswith(_DROP) and k != "x-death"
+        if not k.startswith(BROKER_HEADERS) and k not in drop
     }
     headers.update(extra)
     return aio_pika.Message(
         message.body,
+        headers=headers,
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
-        type=message.type,
+        priority=message.priority,
         correlation_id=message.correlation_id,
-        app_id=message.app_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
         timestamp=message.timestamp,
-        headers=headers,
+        type=message.type,
+        app_id=message.app_id,
     )
