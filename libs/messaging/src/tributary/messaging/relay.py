@@ -10,7 +10,7 @@ import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
@@ -32,6 +32,7 @@ log = logging.getLogger("tributary.messaging.relay")
 tracer = trace.get_tracer("tributary.messaging")
 
 LEASE_SECONDS = 15.0
+_HALF_LEASE = timedelta(seconds=LEASE_SECONDS / 2)
 UNROUTABLE_RETRY_SECONDS = 30.0
 
 
@@ -65,6 +66,7 @@ class OutboxRelay:
         self._stopping = False
         self._owner = uuid.uuid4().hex
         self._sqlite = is_sqlite(engine)
+        self._lease_until: datetime | None = None
         self.stats = RelayStats()
         self.healthy = True
 
@@ -82,8 +84,12 @@ class OutboxRelay:
         while not self._stopping:
             self._wake.clear()
             try:
-                while await self.drain_once() and not self._stopping:
-                    pass
+                while not self._stopping:
+                    published = await self.drain_once()
+                    # a short batch drained everything: go on only if a commit came meanwhile
+                    if published < self._settings.outbox_batch and not self._wake.is_set():
+                        break
+                    self._wake.clear()
                 self.healthy, backoff = True, 0.2
             except Exception as exc:  # broker or database down: back off and resume
                 self.healthy = False
@@ -138,6 +144,7 @@ class OutboxRelay:
             async with self._sessions() as session, session.begin():
                 done, failure = await self._record(session, rows, results)
                 if failure is not None:  # let a healthy replica take over at once
+                    self._lease_until = None
                     await session.exec(
                         update(OutboxLease)
                         .where(col(OutboxLease.owner) == self._owner)
@@ -220,6 +227,8 @@ class OutboxRelay:
 
     async def _hold_lease(self, session: AsyncSession) -> bool:
         now = utcnow()
+        if self._lease_until is not None and now < self._lease_until - _HALF_LEASE:
+            return True  # ours for a while yet: no write needed on this drain
         expires = now + timedelta(seconds=LEASE_SECONDS)
         result = await session.exec(
             update(OutboxLease)
@@ -228,11 +237,14 @@ class OutboxRelay:
             .values(owner=self._owner, expires_at=expires)
         )
         if result.rowcount:
+            self._lease_until = expires
             return True
         if await session.get(OutboxLease, "relay") is None:
             session.add(OutboxLease(name="relay", owner=self._owner, expires_at=expires))
             await session.flush()
+            self._lease_until = expires
             return True
+        self._lease_until = None
         return False
 
     async def purge(self) -> int:
