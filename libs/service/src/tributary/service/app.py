@@ -143,7 +143,8 @@ def health_router() -> APIRouter:
 # -- dependencies for routes -----------------------------------------------------------------
 
 
-def get_bus(request: Request) -> Bus:
+async def get_bus(request: Request) -> Bus:
+    """Async on purpose: a sync dependency would hop to the thread pool on every request."""
     bus: Bus = request.app.state.bus
     return bus
 
