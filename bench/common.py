@@ -316,3 +316,27 @@ async def count_rows(engine: AsyncEngine, sql: str) -> int:
 async def postgres_version(engine: AsyncEngine) -> str:
     async with engine.connect() as conn:
         return str((await conn.execute(text("SHOW server_version"))).scalar_one())
+
+
+@dataclass
+class Row:
+    figure: str
+    value: str
+    baseline: str = "—"
+    ratio: str = "—"
+    target: str = "—"
+    met: bool | None = None
+
+    @property
+    def verdict(self) -> str:
+        return {True: "met", False: "**missed**", None: "—"}[self.met]
+
+
+def results_table(rows: Sequence[Row]) -> str:
+    """The Markdown table RESULTS.md shows: figure, value, baseline, ratio, target, result."""
+    head = ["figure", "value", "baseline", "ratio", "target", "result"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row.figure, row.value, row.baseline, row.ratio, row.target, row.verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

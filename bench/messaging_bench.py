@@ -53,6 +53,7 @@ from bench.common import (
     DbKind,
     Events,
     Measured,
+    Row,
     count_rows,
     databases,
     delete_queues,
@@ -61,6 +62,7 @@ from bench.common import (
     prefill,
     publish_pipelined,
     rabbitmq_version,
+    results_table,
     rss_kib,
     user_created_payload,
     wait_until,
@@ -115,20 +117,6 @@ async def handle_by_hand(sessions: async_sessionmaker[AsyncSession], body: bytes
             session.add(inbox_row(key, raw["id"], raw["type"], body))
             session.add(BenchThing(event_id=raw["id"], user_id=raw["data"]["user_id"]))
             await session.commit()
-
-
-@dataclass
-class Row:
-    figure: str
-    value: str
-    baseline: str = "—"
-    ratio: str = "—"
-    target: str = "—"
-    met: bool | None = None
-
-    @property
-    def verdict(self) -> str:
-        return {True: "met", False: "**missed**", None: "—"}[self.met]
 
 
 @dataclass
@@ -663,12 +651,7 @@ class Bench:
             )  # fmt: skip
 
     def table(self) -> str:
-        head = ["figure", "value", "baseline", "ratio", "target", "result"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for row in self.rows:
-            cells = [row.figure, row.value, row.baseline, row.ratio, row.target, row.verdict]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        return results_table(self.rows)
 
 
 async def insert_outbox_rows(engine: AsyncEngine, events: Events) -> None:

@@ -66,7 +66,7 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from bench.common import Clock, Events, percentile, rabbitmq_version
+from bench.common import Clock, Events, Row, percentile, rabbitmq_version, results_table
 from tests.stack import SIGNUP_SERVICES, MailSink, Stack, queue_names
 from tributary.messaging.testing import delete_prefixed
 from tributary.messaging.topology import QUORUM, Names
@@ -795,20 +795,6 @@ async def raw_broker(url: str, n: int) -> tuple[float, float]:
 
 
 @dataclass
-class Row:
-    figure: str
-    value: str
-    baseline: str = "—"
-    ratio: str = "—"
-    target: str = "—"
-    met: bool | None = None
-
-    @property
-    def verdict(self) -> str:
-        return {True: "met", False: "**missed**", None: "—"}[self.met]
-
-
-@dataclass
 class Plan:
     n: int
     warmup: int
@@ -1054,12 +1040,7 @@ class Bench:
             )
 
     def table(self) -> str:
-        head = ["figure", "value", "baseline", "ratio", "target", "result"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in self.rows:
-            cells = [r.figure, r.value, r.baseline, r.ratio, r.target, r.verdict]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        return results_table(self.rows)
 
 
 # -- profiling -----------------------------------------------------------------------------

@@ -88,7 +88,7 @@ class Stack:
         else:
             values["OTEL_SDK_DISABLED"] = "true"
         values.update(self.extra_env)
-        return service_env(**values)
+        return service_env(values)
 
     def start(self, names: tuple[str, ...] = SIGNUP_SERVICES) -> None:
         for name in names:

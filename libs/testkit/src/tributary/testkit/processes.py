@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -105,7 +106,8 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def service_env(base: dict[str, str] | None = None, **values: str) -> dict[str, str]:
+def service_env(values: Mapping[str, str], base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with ``values`` on top."""
     env = dict(os.environ if base is None else base)
     env.update(values)
     return env
