@@ -253,8 +253,11 @@ class QueueConsumer:
         groupable = [p for p in prepared if not p.sub.irreversible]
         one_by_one = prepared
         if len(groupable) > 1 and self._settings.batch_max > 1:
+            # one worker settles its batches in delivery order, so when the group is the whole
+            # batch every older delivery on the channel is settled: one multiple-ack will do
+            whole = self._settings.concurrency == 1 and len(groupable) == len(batch)
             try:
-                await self._transact(groupable)
+                await self._transact(groupable, ack_together=whole)
                 one_by_one = [p for p in prepared if p.sub.irreversible]
             except Exception as exc:
                 log.info(
@@ -315,7 +318,9 @@ class QueueConsumer:
             ),
         )
 
-    async def _transact(self, items: list[_Prepared], attempt: int | None = None) -> None:
+    async def _transact(
+        self, items: list[_Prepared], attempt: int | None = None, *, ack_together: bool = False
+    ) -> None:
         """Handle ``items`` in one transaction: inbox check, handlers, inbox rows, commit, ack."""
         outcomes: list[Literal["processed", "duplicate", "conflict"]] = []
         produced = 0
@@ -357,6 +362,13 @@ class QueueConsumer:
                 await session.exec(insert(InboxRow), params=rows)
         if produced:
             self._on_commit()
+        if ack_together and "conflict" not in outcomes:
+            last = max(items, key=lambda p: p.message.delivery_tag or 0)
+            await self._settle(last.message.ack(multiple=True))
+            for p, outcome in zip(items, outcomes, strict=True):
+                settled: Outcome = "duplicate" if outcome == "duplicate" else "processed"
+                self._record(p.message, settled, p.event.id, p.event.type, p.ctx.is_replay, p)
+            return
         for p, outcome in zip(items, outcomes, strict=True):
             if outcome == "conflict":
                 await self._dead_letter(
@@ -491,6 +503,19 @@ class QueueConsumer:
         prepared: _Prepared | None = None,
     ) -> None:
         await self._settle(message.ack())
+        self._record(message, outcome, event_id, event_type, replay, prepared, reason)
+
+    def _record(
+        self,
+        message: AbstractIncomingMessage,
+        outcome: Outcome,
+        event_id: str | None,
+        event_type: str | None,
+        replay: bool,
+        prepared: _Prepared | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Tell the listeners (metrics, tests) and the log what became of a delivery."""
         record = OutcomeRecord(
             self.queues.consumer,
             event_id,
