@@ -7,9 +7,7 @@ sink (aiosmtpd) receives the mail and a real OTLP receiver the spans.
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
@@ -118,18 +116,6 @@ class Stack:
 
     def logs(self) -> str:
         return "\n".join(p.log_text() for p in self.services.values())
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy (no fixed sleeps in tests)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.1)
 
 
 def get_json(stack: Stack, service: str, path: str, **params: Any) -> Any:

@@ -16,8 +16,9 @@ from tributary.contracts.envelope import new_event
 from tributary.contracts.events import UserCreatedV1, UserCreatedV2
 from tributary.messaging.testing import publish_raw
 from tributary.messaging.topology import Names
+from tributary.testkit.waiting import wait_until
 
-from .stack import Stack, get_json, wait_until
+from .stack import Stack, get_json
 
 
 def sign_up(stack: Stack, email: str, *, correlation_id: str | None = None) -> httpx.Response:

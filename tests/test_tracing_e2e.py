@@ -6,8 +6,9 @@ import json
 import uuid
 
 from tributary.testkit.otlp import OtlpReceiver, ReceivedSpan
+from tributary.testkit.waiting import wait_until
 
-from .stack import Stack, get_json, wait_until
+from .stack import Stack, get_json
 from .test_signup_e2e import audit, sign_up, unique_email, workspaces
 
 CORRELATION = "corr.trace-e2e"

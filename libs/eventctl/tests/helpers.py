@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,16 +16,14 @@ from tributary.contracts.envelope import CloudEvent
 from tributary.contracts.events import UserCreatedV2
 from tributary.eventctl.cli import main_async
 from tributary.messaging import context
-from tributary.messaging.bus import Bus
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.testing import (
-    OutcomeRecorder,
-    delete_prefixed,
     publish_raw,
     queue_depth,
 )
 from tributary.messaging.topology import Names
 from tributary.messaging.uow import UnitOfWork
+from tributary.testkit.waiting import eventually
 
 UserCreated = CloudEvent[UserCreatedV2]
 
@@ -86,25 +80,6 @@ class Handler:
         return [c for c in self.calls if c.event_id == event_id]
 
 
-@asynccontextmanager
-async def running(
-    bus: Bus, *, consume: bool = True, owns_topology: bool = True
-) -> AsyncIterator[OutcomeRecorder]:
-    """Run ``bus`` recording its outcomes; stop it and, if it owns them, delete its queues."""
-    outcomes = OutcomeRecorder()
-    bus.listeners.append(outcomes)
-    try:
-        await bus.start(consume=consume)
-        yield outcomes
-    finally:
-        await bus.stop()
-        if owns_topology:
-            qs = bus.names.service_queues(bus.service, len(bus.settings.retry_tiers))
-            await delete_prefixed(
-                bus.settings.rabbitmq_url, bus.names, [qs.work, qs.dlq, *qs.retries]
-            )
-
-
 async def eventctl(settings: MessagingSettings, *argv: str) -> int:
     """Run the CLI against the test's broker and name prefix."""
     return await main_async(
@@ -134,8 +109,8 @@ async def messages_in(url: str, queue: str) -> int:
 
 async def wait_for_depth(url: str, queue: str, depth: int, *, timeout: float = 20.0) -> None:
     """Poll a passive declare until ``queue`` holds ``depth`` messages; takes nothing."""
-    deadline = time.monotonic() + timeout
-    while (seen := await queue_depth(url, queue)) != depth:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{queue}: {seen} ready messages, expected {depth}")
-        await asyncio.sleep(0.05)
+
+    async def reached() -> bool:
+        return await queue_depth(url, queue) == depth
+
+    await eventually(reached, timeout=timeout, what=f"{depth} ready messages in {queue}")

@@ -27,6 +27,7 @@ from tributary.messaging.testing import (
     isolated_settings,
     publish_raw,
     read_queue,
+    started_bus,
 )
 from tributary.messaging.topology import QueueSet
 
@@ -37,7 +38,6 @@ from .helpers import (
     listed,
     messages_in,
     publish,
-    running,
     user_created,
     wait_for_depth,
 )
@@ -94,7 +94,7 @@ class Probe:
 async def probe(consumer_engine: AsyncEngine, settings: MessagingSettings) -> AsyncIterator[Probe]:
     handler = Handler(failure=PermanentError("users from this domain are not accepted"))
     bus = Bus(SERVICE, consumer_engine, handlers={UserCreatedV2: handler}, settings=settings)
-    async with running(bus) as outcomes:
+    async with started_bus(bus) as outcomes:
         yield Probe(bus, handler, outcomes, settings)
 
 
@@ -359,7 +359,7 @@ async def test_a_message_dead_lettered_at_the_delivery_limit_is_listed_and_repla
     handler = Handler()
     declaring = Bus(SERVICE, consumer_engine, handlers={UserCreatedV2: handler}, settings=settings)
     event = user_created()
-    async with running(declaring, consume=False, owns_topology=False):
+    async with started_bus(declaring, consume=False, owns_topology=False):
         queues = declaring.names.service_queues(SERVICE, len(settings.retry_tiers))
         await publish(settings, event)
         await wait_for_depth(broker_url, queues.work, 1)
@@ -376,7 +376,7 @@ async def test_a_message_dead_lettered_at_the_delivery_limit_is_listed_and_repla
     assert row["last_failure"] is not None
 
     consuming = Bus(SERVICE, consumer_engine, handlers={UserCreatedV2: handler}, settings=settings)
-    async with running(consuming) as outcomes:
+    async with started_bus(consuming) as outcomes:
         assert await eventctl(settings, "dlq", "replay", SERVICE, "--reason", "delivery_limit") == 0
         await outcomes.wait_until_handled(event["id"])
         assert await messages_in(broker_url, queues.dlq) == 0

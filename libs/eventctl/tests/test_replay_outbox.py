@@ -31,10 +31,10 @@ from tributary.messaging.db import (
     utcnow,
 )
 from tributary.messaging.settings import MessagingSettings
-from tributary.messaging.testing import read_queue
+from tributary.messaging.testing import read_queue, started_bus
 from tributary.messaging.uow import UnitOfWork
 
-from .helpers import Handler, eventctl, messages_in, publish, running, user_created
+from .helpers import Handler, eventctl, messages_in, publish, user_created
 
 pytestmark = pytest.mark.broker
 
@@ -117,7 +117,7 @@ async def test_outbox_replay_reaches_only_the_named_service_marked_as_replay(
         BYSTANDER, bystander_engine, handlers={UserCreatedV2: bystander}, settings=settings
     )
     try:
-        async with running(target_bus) as seen, running(bystander_bus) as unseen:
+        async with started_bus(target_bus) as seen, started_bus(bystander_bus) as unseen:
             assert await eventctl(settings, *replay_args(producer, "--from", since)) == 0
             await seen.wait_until_handled(v2)
             await seen.wait_until_handled(v1)
@@ -147,7 +147,7 @@ async def test_forced_replay_marks_each_copy_and_keeps_the_envelope_properties(
 ) -> None:
     event_id = await producer.emit(new_user())
     bus = Bus(TARGET, consumer_engine, handlers={UserCreatedV2: Handler()}, settings=settings)
-    async with running(bus, consume=False):
+    async with started_bus(bus, consume=False):
         assert await eventctl(settings, *replay_args(producer, "--force")) == 0
         [copy] = await read_queue(settings.rabbitmq_url, f"{settings.name_prefix}{TARGET}.events")
 
@@ -169,7 +169,7 @@ async def test_a_dry_run_of_an_outbox_replay_publishes_nothing(
     await producer.emit(new_user())
     await producer.emit(new_user())
     bus = Bus(TARGET, consumer_engine, handlers={UserCreatedV2: Handler()}, settings=settings)
-    async with running(bus, consume=False):
+    async with started_bus(bus, consume=False):
         assert await eventctl(settings, *replay_args(producer, "--dry-run")) == 0
         depth = await messages_in(settings.rabbitmq_url, f"{settings.name_prefix}{TARGET}.events")
 
@@ -185,7 +185,7 @@ async def test_replaying_events_the_consumer_already_processed_ends_as_duplicate
     event_id = await producer.emit(new_user())
     handler = Handler()
     bus = Bus(TARGET, consumer_engine, handlers={UserCreatedV2: handler}, settings=settings)
-    async with running(bus) as outcomes:
+    async with started_bus(bus) as outcomes:
         assert await eventctl(settings, *replay_args(producer)) == 0
         await outcomes.wait_until_handled(event_id)
         assert await eventctl(settings, *replay_args(producer)) == 0

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aio_pika
@@ -17,7 +16,9 @@ from libs.contracts.tests.samples import sample
 from tributary.contracts.catalog import NAMESPACE
 from tributary.contracts.envelope import CONTENT_TYPE
 from tributary.messaging.bus import Bus
-from tributary.messaging.testing import OutcomeRecorder, delete_prefixed
+from tributary.messaging.testing import (
+    started_bus,  # noqa: F401  (tests import it here)
+)
 from tributary.messaging.topology import Names, QueueSet
 
 from .conftest import Thing
@@ -94,25 +95,6 @@ async def publish_events(
 def queues_of(bus: Bus) -> QueueSet:
     """The work queue, retry tiers and DLQ of a bus that subscribes to events."""
     return bus.names.service_queues(bus.service, len(bus.settings.retry_tiers))
-
-
-@asynccontextmanager
-async def started_bus(
-    bus: Bus, *, consume: bool = True, owns_topology: bool = True
-) -> AsyncIterator[OutcomeRecorder]:
-    """Run ``bus`` (recording its outcomes); stop it and, if it owns them, delete its queues."""
-    outcomes = OutcomeRecorder()
-    bus.listeners.append(outcomes)
-    try:
-        await bus.start(consume=consume)
-        yield outcomes
-    finally:
-        await bus.stop()
-        if owns_topology:
-            qs = queues_of(bus)
-            await delete_prefixed(
-                bus.settings.rabbitmq_url, bus.names, [qs.work, qs.dlq, *qs.retries]
-            )
 
 
 async def things_count(engine: AsyncEngine) -> int:

@@ -33,6 +33,7 @@ from tributary.messaging.testing import (
     publish_raw,
     queue_depth,
     read_queue,
+    started_bus,
 )
 from tributary.messaging.uow import UnitOfWork
 
@@ -42,7 +43,6 @@ from .helpers import (
     publish_events,
     queues_of,
     routing_key_of,
-    started_bus,
     things_count,
     user_created,
 )

@@ -39,6 +39,7 @@ from tributary.messaging.testing import (
 from tributary.messaging.topology import Names, QueueSet, declare_queue_set
 from tributary.messaging.uow import UnitOfWork
 from tributary.testkit.infra import Found
+from tributary.testkit.waiting import eventually
 
 from .conftest import Thing
 from .fault_worker import CRASH_MARKER, READY, STANDBY, FaultThing, create_tables
@@ -280,14 +281,17 @@ async def wait_until(
     while_alive: Worker | None = None,
 ) -> bool:
     """True once ``check()`` holds; False if ``while_alive`` exits first; fails on timeout."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if while_alive is not None and not while_alive.running:
-            return False
-        assert loop.time() < deadline, f"timed out after {timeout} s waiting for {what}"
-        await asyncio.sleep(0.1)
-    return True
+    died = False
+
+    async def done_or_died() -> bool:
+        nonlocal died
+        if await check():
+            return True
+        died = while_alive is not None and not while_alive.running
+        return died
+
+    await eventually(done_or_died, timeout=timeout, what=what, poll=0.1)
+    return not died
 
 
 async def count(engine: AsyncEngine, table: type[SQLModel]) -> int:
@@ -484,6 +488,11 @@ async def test_a_broker_restart_during_an_outbox_stream_loses_nothing_and_handle
     bus.listeners.append(outcomes)
     written: list[str] = []
 
+    async def published_or_paused() -> bool:
+        relay = bus.relay
+        assert relay is not None
+        return relay.stats.published >= len(written) or not relay.healthy
+
     async def write_stream() -> None:
         for _ in range(total // chunk):
             async with bus.unit_of_work() as uow:
@@ -493,7 +502,9 @@ async def test_a_broker_restart_during_an_outbox_stream_loses_nothing_and_handle
                     )
                     written.append(uow.outbox.add(payload).id)
                 await uow.commit()
-            await asyncio.sleep(0.25)  # pacing, not waiting: the stream spans the outage
+            # paced by outcomes: the next chunk once this one is published, or once the relay
+            # has seen the outage (then the stream goes on into the outbox while it lasts)
+            await eventually(published_or_paused, timeout=60, what="the chunk published")
 
     await bus.start()
     writer = asyncio.create_task(write_stream())
@@ -502,7 +513,13 @@ async def test_a_broker_restart_during_an_outbox_stream_loses_nothing_and_handle
         written_before_outage = len(written)
         try:
             await rabbitmqctl("stop_app")
-            await asyncio.sleep(3)  # the outage itself
+            relay = bus.relay
+            assert relay is not None
+
+            async def outage_felt() -> bool:  # the relay failed, and events piled up meanwhile
+                return not relay.healthy and len(written) > written_before_outage
+
+            await wait_until(outage_felt, what="the relay to notice the outage", timeout=60)
         finally:
             await rabbitmqctl("start_app")
             await rabbitmqctl("await_startup")

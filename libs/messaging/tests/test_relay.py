@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
@@ -38,11 +38,10 @@ from tributary.messaging.db import OutboxRow, session_factory, utcnow
 from tributary.messaging.publisher import Publisher
 from tributary.messaging.relay import OutboxRelay
 from tributary.messaging.settings import MessagingSettings
-from tributary.messaging.testing import delete_prefixed, isolated_settings
+from tributary.messaging.testing import delete_prefixed, isolated_settings, started_bus
 from tributary.messaging.topology import Names, declare_exchanges
 from tributary.messaging.uow import UnitOfWork
-
-from .helpers import started_bus
+from tributary.testkit.waiting import eventually
 
 SERVICE = "signup"
 _MARKER = "capture-flush-marker"
@@ -116,15 +115,6 @@ class Capture:
             lambda: any(m.message_id == _MARKER for m in self.messages), timeout, "flushing"
         )
         return [m for m in self.messages if m.message_id != _MARKER]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 20.0) -> None:
-    """Poll ``check`` until it holds (for database state, which has no notification)."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.05)
 
 
 class RelayFetches:

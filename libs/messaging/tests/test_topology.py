@@ -19,11 +19,11 @@ from tributary.contracts.events import UserCreatedV2
 from tributary.messaging.bus import Bus
 from tributary.messaging.db import create_engine, create_runtime_tables
 from tributary.messaging.errors import TopologyMismatch
-from tributary.messaging.testing import isolated_settings, queue_depth, read_queue
+from tributary.messaging.testing import isolated_settings, queue_depth, read_queue, started_bus
 from tributary.messaging.uow import UnitOfWork
 from tributary.testkit.infra import Found
 
-from .helpers import publish_events, queues_of, started_bus, user_created
+from .helpers import publish_events, queues_of, user_created
 
 EngineFactory = Callable[[str], Awaitable[AsyncEngine]]
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
@@ -17,6 +16,7 @@ from tributary.email.models import EmailRecord
 from tributary.messaging.db import RUNTIME_TABLES, create_engine, session_factory
 from tributary.messaging.uow import UnitOfWork
 from tributary.testkit.infra import Found, create_postgres_database, drop_postgres_database
+from tributary.testkit.waiting import eventually
 
 from .test_handlers import user_created
 
@@ -49,18 +49,21 @@ async def engine(postgres: Found) -> AsyncIterator[AsyncEngine]:
 
 
 async def wait_for_a_lock_wait(engine: AsyncEngine, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
     query = text(
         "SELECT count(*) FROM pg_stat_activity "
         "WHERE datname = current_database() AND wait_event_type = 'Lock'"
     )
-    while True:
+
+    async def waiting_on_a_lock() -> bool:
         async with engine.connect() as conn:
-            if (await conn.execute(query)).scalar_one():
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError("the second consumer never waited on the first one's row")
-        await asyncio.sleep(0.02)
+            return bool((await conn.execute(query)).scalar_one())
+
+    await eventually(
+        waiting_on_a_lock,
+        timeout=timeout,
+        what="the second consumer waiting on the first one's row",
+        poll=0.02,
+    )
 
 
 async def test_two_consumers_racing_for_one_welcome_on_postgresql_send_it_once(

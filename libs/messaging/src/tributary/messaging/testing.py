@@ -8,15 +8,36 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
 
+from tributary.messaging.bus import Bus
 from tributary.messaging.consumer import Outcome, OutcomeRecord
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.topology import Names
+
+
+@asynccontextmanager
+async def started_bus(
+    bus: Bus, *, consume: bool = True, owns_topology: bool = True
+) -> AsyncIterator[OutcomeRecorder]:
+    """Run ``bus`` recording its outcomes; stop it and, if it owns them, delete its queues."""
+    outcomes = OutcomeRecorder()
+    bus.listeners.append(outcomes)
+    try:
+        await bus.start(consume=consume)
+        yield outcomes
+    finally:
+        await bus.stop()
+        if owns_topology:
+            qs = bus.names.service_queues(bus.service, len(bus.settings.retry_tiers))
+            await delete_prefixed(
+                bus.settings.rabbitmq_url, bus.names, [qs.work, qs.dlq, *qs.retries]
+            )
 
 
 def isolated_settings(rabbitmq_url: str, **overrides: Any) -> MessagingSettings:
