@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, LargeBinary, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -21,6 +22,27 @@ def utcnow() -> datetime:
 def now() -> datetime:
     """Aware UTC, for domain tables (SQLModel stores ``datetime`` fields as aware UTC)."""
     return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Aware UTC; a naive datetime is taken to be UTC already."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC in and out on every dialect (SQLite keeps no offset: stored UTC, read as UTC).
+
+    Unlike SQLModel's own ``datetime`` mapping it takes naive values as UTC instead of failing.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
 
 
 def _ts(*, nullable: bool, index: bool = False) -> Any:

@@ -11,8 +11,9 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col, select
 
 from tributary.audit import chain
-from tributary.audit.models import AuditEntry, AuditPage, Verification, as_utc
+from tributary.audit.models import AuditEntry, AuditPage, Verification
 from tributary.contracts.catalog import NAMESPACE, CatalogError, catalog
+from tributary.messaging.db import as_utc
 from tributary.service.app import SessionDep
 
 router = APIRouter(tags=["audit"])

@@ -18,7 +18,8 @@ from typing import Any
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tributary.audit.models import AuditEntry, Verification, as_utc
+from tributary.audit.models import AuditEntry, Verification
+from tributary.messaging.db import as_utc
 
 GENESIS = "0" * 64
 """The ``prev_hash`` of the first entry."""

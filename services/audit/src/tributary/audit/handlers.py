@@ -3,13 +3,13 @@ from __future__ import annotations
 from functools import partial
 
 from tributary.audit.chain import append
-from tributary.audit.models import AuditEntry, as_utc
+from tributary.audit.models import AuditEntry
 from tributary.contracts.catalog import catalog
 from tributary.contracts.envelope import Event
 from tributary.contracts.events import Payload, payload_type
 from tributary.contracts.pii import mask_payload
 from tributary.messaging.bus import Handlers
-from tributary.messaging.db import now
+from tributary.messaging.db import as_utc, now
 from tributary.messaging.uow import UnitOfWork
 
 
