@@ -14,6 +14,10 @@ class NoUpcastPath(LookupError):
     """No chain of upcasters leads from the event's version to the wanted one."""
 
 
+class UpcastFailed(ValueError):
+    """An upcaster exists but raised on this payload (a bug or data it did not expect)."""
+
+
 def upcaster(type_name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
     """Register the decorated function as the ``from_version → from_version + 1`` step."""
 
@@ -36,10 +40,15 @@ def upcast(type_name: str, version: int, data: dict[str, Any], to_version: int) 
     if to_version < version:
         raise NoUpcastPath(f"cannot downcast {type_name} v{version} to v{to_version}")
     for step in range(version, to_version):
+        fn = _UPCASTERS.get((type_name, step))
+        if fn is None:
+            raise NoUpcastPath(f"no upcaster from {type_name} v{step} to v{step + 1}")
         try:
-            data = _UPCASTERS[(type_name, step)](data)
-        except KeyError:
-            raise NoUpcastPath(f"no upcaster from {type_name} v{step} to v{step + 1}") from None
+            data = fn(data)
+        except Exception as exc:
+            raise UpcastFailed(
+                f"upcaster {type_name} v{step} to v{step + 1} raised {type(exc).__name__}"
+            ) from exc
     return data
 
 

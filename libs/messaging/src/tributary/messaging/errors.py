@@ -11,6 +11,8 @@ DlqReason = Literal[
     "idempotency_conflict",
     "handler_error",
     "retries_exhausted",
+    "upcast_failed",
+    "unexpected_error",
 ]
 
 
@@ -25,6 +27,23 @@ class Rejected(Exception):
         self.reason: DlqReason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
+
+
+class InfrastructureError(RuntimeError):
+    """The service's database or the broker failed, not the message: pause, don't retry it.
+
+    ``component`` is ``"database"`` or ``"broker"``; the consumer stops taking deliveries, keeps
+    the ones in hand unharmed, probes with backoff and resumes.
+    """
+
+    def __init__(self, component: Literal["database", "broker"], detail: str) -> None:
+        self.component: Literal["database", "broker"] = component
+        self.detail = detail
+        super().__init__(f"{component} unavailable: {detail}")
+
+
+class HandlerTimeout(Exception):
+    """A handler ran longer than ``handler_timeout_seconds``: a failure of that message."""
 
 
 class TopologyMismatch(RuntimeError):

@@ -11,6 +11,8 @@ from aio_pika.abc import AbstractIncomingMessage
 
 REASON = "x-tributary-reason"
 ERROR = "x-tributary-error"
+EXCEPTION = "x-tributary-exception"
+"""Type name of the exception behind an ``unexpected_error`` or a failed attempt."""
 CONSUMER = "x-tributary-consumer"
 ATTEMPTS = "x-tributary-attempts"
 RETRIES = "x-tributary-retries"

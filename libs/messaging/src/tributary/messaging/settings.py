@@ -37,3 +37,13 @@ class MessagingSettings(BaseSettings):
     """How long published outbox rows are kept for replay before the purge."""
     outbox_purge_seconds: float = Field(default=300.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    handler_timeout_seconds: float = Field(default=60.0, gt=0)
+    """A handler running longer fails that message (it goes through the retry tiers)."""
+    publish_timeout_seconds: float = Field(default=15.0, gt=0)
+    """Longest wait for a publisher confirm (a blocked or dead broker) before it counts as down."""
+    pause_probe_max_seconds: float = Field(default=10.0, gt=0)
+    """Longest back-off between probes while consumption is paused by an outage."""
+    inbox_retention_days: float = Field(default=14.0, gt=0)
+    """Inbox rows older than this are purged; a replay of older events is not deduplicated."""
+    purge_chunk: int = Field(default=1000, ge=1)
+    """Rows deleted per statement by the outbox and inbox purges."""
