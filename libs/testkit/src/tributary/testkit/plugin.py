@@ -1,13 +1,16 @@
-"""pytest plugin: session fixtures ``rabbitmq`` and ``postgres`` found or started on demand."""
+"""pytest plugin: session fixtures ``rabbitmq`` and ``postgres`` found or started on demand,
+and private ``rabbit_node``/``postgres_node`` servers for fault tests."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
 from tributary.testkit.infra import Found, InfraUnavailable, find_postgres, find_rabbitmq
+from tributary.testkit.nodes import NodeUnavailable, PostgresNode, RabbitNode
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +35,31 @@ def postgres(_infra_stack: ExitStack) -> Found:
         return find_postgres(_infra_stack)
     except InfraUnavailable as exc:
         pytest.skip(f"PostgreSQL unavailable: {exc}")
+
+
+@pytest.fixture
+def rabbit_node(tmp_path: Path) -> Iterator[RabbitNode]:
+    """A private RabbitMQ node, started for this test and removed after it (fault target)."""
+    try:
+        node = RabbitNode(tmp_path)
+    except NodeUnavailable as exc:
+        pytest.skip(f"no private RabbitMQ node: {exc}")
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def postgres_node(tmp_path: Path) -> Iterator[PostgresNode]:
+    """A private PostgreSQL server, started for this test and destroyed after it."""
+    try:
+        node = PostgresNode(tmp_path)
+    except NodeUnavailable as exc:
+        pytest.skip(f"no private PostgreSQL: {exc}")
+    try:
+        node.start()
+        yield node
+    finally:
+        node.destroy()
