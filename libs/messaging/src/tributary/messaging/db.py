@@ -53,7 +53,9 @@ class OutboxRow(SQLModel, table=True):
     """An event committed with the domain change that caused it, waiting for the relay."""
 
     __tablename__ = "tributary_outbox"
-    __table_args__ = (Index("ix_tributary_outbox_pending", "published_at", "seq"),)
+    # the relay's claim (unpublished, not parked, in seq order) reads this index in order and
+    # skips no parked rows; the purge and the gauges use its leading column
+    __table_args__ = (Index("ix_tributary_outbox_waiting", "published_at", "parked_at", "seq"),)
 
     seq: int | None = Field(
         default=None,
@@ -74,12 +76,16 @@ class OutboxRow(SQLModel, table=True):
     attempts: int = 0
     next_attempt_at: datetime | None = _ts(nullable=True)
     last_error: str | None = Field(default=None, max_length=1000)
+    parked_at: datetime | None = _ts(nullable=True)
+    """Set when the relay gave up after its bounded attempts: the row waits for an operator
+    (``eventctl outbox parked`` / ``eventctl outbox resend``) and blocks nothing behind it."""
 
 
 class InboxRow(SQLModel, table=True):
     """An event this service has handled: the key it is deduplicated on, and its payload hash."""
 
     __tablename__ = "tributary_inbox"
+    __table_args__ = (Index("ix_tributary_inbox_processed_at", "processed_at"),)  # the purge
 
     key: str = Field(primary_key=True, max_length=400)
     payload_hash: str = Field(max_length=64)

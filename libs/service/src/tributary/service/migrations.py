@@ -5,9 +5,20 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from alembic import command, context
+from alembic import command, context, op
 from alembic.config import Config
-from sqlalchemy import MetaData, pool
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    pool,
+)
 from sqlalchemy.engine import Connection
 
 from tributary.messaging.db import create_engine
@@ -55,18 +66,77 @@ def run_env(metadata: MetaData) -> None:
     asyncio.run(online())
 
 
+def _runtime_tables_v1(metadata: MetaData) -> list[Table]:
+    """The runtime's tables as a service's first migration made them (frozen: later changes
+    to the models arrive through later revisions, so old and new databases end up alike)."""
+    outbox = Table(
+        "tributary_outbox",
+        metadata,
+        Column(
+            "seq",
+            BigInteger().with_variant(Integer(), "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
+        Column("event_id", String(200), nullable=False, unique=True),
+        Column("routing_key", String(200), nullable=False),
+        Column("body", LargeBinary(), nullable=False),
+        Column("trace_headers", String(), nullable=False),
+        Column("correlation_id", String(200), nullable=True),
+        Column("created_at", DateTime(), nullable=False),
+        Column("published_at", DateTime(), nullable=True),
+        Column("attempts", Integer(), nullable=False),
+        Column("next_attempt_at", DateTime(), nullable=True),
+        Column("last_error", String(1000), nullable=True),
+        Index("ix_tributary_outbox_pending", "published_at", "seq"),
+    )
+    inbox = Table(
+        "tributary_inbox",
+        metadata,
+        Column("key", String(400), primary_key=True),
+        Column("payload_hash", String(64), nullable=False),
+        Column("event_id", String(200), nullable=False),
+        Column("event_type", String(200), nullable=False),
+        Column("processed_at", DateTime(), nullable=False),
+    )
+    lease = Table(
+        "tributary_outbox_lease",
+        metadata,
+        Column("name", String(100), primary_key=True),
+        Column("owner", String(100), nullable=False),
+        Column("expires_at", DateTime(), nullable=False),
+    )
+    return [outbox, inbox, lease]
+
+
 def create_runtime_tables() -> None:
     """In a service's first migration: the messaging runtime's outbox, inbox and lease tables."""
-    from tributary.messaging.db import RUNTIME_TABLES
-
     bind = context.get_bind()
-    for table in RUNTIME_TABLES:
+    for table in _runtime_tables_v1(MetaData()):
         table.create(bind)
 
 
 def drop_runtime_tables() -> None:
-    from tributary.messaging.db import RUNTIME_TABLES
-
     bind = context.get_bind()
-    for table in reversed(RUNTIME_TABLES):
+    for table in reversed(_runtime_tables_v1(MetaData())):
         table.drop(bind)
+
+
+def park_outbox_rows() -> None:
+    """Runtime schema 2: parked outbox rows (``parked_at``), the relay's claim index that skips
+    them, and the inbox index the retention purge reads."""
+    op.add_column("tributary_outbox", Column("parked_at", DateTime(), nullable=True))
+    op.drop_index("ix_tributary_outbox_pending", table_name="tributary_outbox")
+    op.create_index(
+        "ix_tributary_outbox_waiting", "tributary_outbox", ["published_at", "parked_at", "seq"]
+    )
+    op.create_index("ix_tributary_inbox_processed_at", "tributary_inbox", ["processed_at"])
+
+
+def unpark_outbox_rows() -> None:
+    """Undo :func:`park_outbox_rows` (parked rows become ordinary waiting rows again)."""
+    op.drop_index("ix_tributary_inbox_processed_at", table_name="tributary_inbox")
+    op.drop_index("ix_tributary_outbox_waiting", table_name="tributary_outbox")
+    op.create_index("ix_tributary_outbox_pending", "tributary_outbox", ["published_at", "seq"])
+    with op.batch_alter_table("tributary_outbox") as batch:
+        batch.drop_column("parked_at")
