@@ -62,6 +62,9 @@ class Bus:
         self._commands = dict(commands or {})
         self._sessions = session_factory(engine)
         self._connection: AbstractRobustConnection | None = None
+        # RabbitMQ blocks publishing connections under a memory or disk alarm; acks of the
+        # consumers travel on their own connection so that consumption goes on meanwhile
+        self._publishing: AbstractRobustConnection | None = None
         self.publisher: Publisher | None = None
         self.relay: OutboxRelay | None = None
         self.consumers: list[QueueConsumer] = []
@@ -100,6 +103,10 @@ class Bus:
             self.settings.rabbitmq_url,
             client_properties={"connection_name": f"tributary-{self.service}"},
         )
+        self._publishing = await aio_pika.connect_robust(
+            self.settings.rabbitmq_url,
+            client_properties={"connection_name": f"tributary-{self.service}-publish"},
+        )
         await declare_exchanges(self._connection, self.names)
         queue_sets = self._queue_sets()
         for qs, subs in queue_sets:
@@ -111,7 +118,7 @@ class Bus:
                 tier_seconds=self.settings.retry_tiers,
                 delivery_limit=self.settings.delivery_limit,
             )
-        self.publisher = Publisher(self._connection, in_flight=self.settings.publish_in_flight)
+        self.publisher = Publisher(self._publishing, in_flight=self.settings.publish_in_flight)
         await self.publisher.open()
         self.relay = OutboxRelay(
             self.engine,
@@ -133,6 +140,7 @@ class Bus:
                     settings=self.settings,
                     on_commit=self.relay.notify,
                     listeners=self.listeners,
+                    broker_ready=self.publishing_ready,
                 )
                 await consumer.start(self._connection)
                 self.consumers.append(consumer)
@@ -151,9 +159,10 @@ class Bus:
         # with the broker gone, closing waits for a reconnect that may never come
         if self.publisher is not None:
             await _within(self.publisher.close(), "publisher")
-        if self._connection is not None:
-            await _within(self._connection.close(), "connection")
-            self._connection = None
+        for connection in (self._publishing, self._connection):
+            if connection is not None:
+                await _within(connection.close(), "connection")
+        self._connection = self._publishing = None
 
     def unit_of_work(self) -> UnitOfWork:
         """A unit of work for request handlers; committing wakes the relay."""
@@ -181,8 +190,46 @@ class Bus:
 
     @property
     def connected(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed
+        return all(c is not None and not c.is_closed for c in (self._connection, self._publishing))
 
     @property
     def consuming(self) -> bool:
         return all(c.running for c in self.consumers)
+
+    def publishing_ready(self) -> bool:
+        """The publishing connection is open and not blocked by a broker alarm."""
+        return (
+            self._publishing is not None
+            and not self._publishing.is_closed
+            and not _blocked(self._publishing)
+        )
+
+    async def health(self) -> dict[str, tuple[bool, str | None]]:
+        """Each part of the messaging side: ready, or why not."""
+        checks: dict[str, tuple[bool, str | None]] = {}
+        if not self.connected:
+            checks["broker"] = (False, "not connected to the broker")
+        elif not self.publishing_ready():
+            checks["broker"] = (False, "publishing blocked by the broker (memory or disk alarm)")
+        else:
+            checks["broker"] = (True, None)
+        if self.relay is not None:
+            relay_health = getattr(self.relay, "health", None)
+            if relay_health is not None:
+                checks["relay"] = await relay_health()
+            elif self._relay_task is not None and self._relay_task.done():
+                checks["relay"] = (False, "the outbox relay has stopped")
+            else:
+                checks["relay"] = (True, None)
+        consumers = [c.health() for c in self.consumers]
+        reasons = [reason for ok, reason in consumers if not ok and reason]
+        checks["consumers"] = (not reasons, "; ".join(reasons) or None)
+        return checks
+
+
+def _blocked(connection: AbstractRobustConnection) -> bool:
+    """Whether the broker sent ``connection.blocked`` (aiormq keeps it privately)."""
+    transport = getattr(connection, "transport", None)
+    underlying = getattr(transport, "connection", None)
+    unblocked = getattr(underlying, "_Connection__connection_unblocked", None)
+    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()

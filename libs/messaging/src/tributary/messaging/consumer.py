@@ -1,23 +1,33 @@
 """The consumer runtime: parse, validate, upcast, dedupe (inbox), handle, commit, then ack.
 
 Deliveries already waiting are handled together, up to ``batch_max`` in one transaction
-(group commit); a failure in a batch replays it one message per transaction. Failures go
-through in-process retries, delayed-retry queues and finally the DLQ. Nothing is acked before
-it is processed, recorded as a duplicate, or confirmed by the broker in a retry queue or DLQ.
+(group commit); a failure in a batch replays it one message per transaction. Failures of the
+message go through in-process retries, delayed-retry queues and finally the DLQ. Nothing is
+acked before it is processed, recorded as a duplicate, or confirmed by the broker in a retry
+queue or DLQ, and a multiple-ack is sent only when every older delivery on the channel is
+settled.
+
+Failures of the infrastructure (the database unreachable or read-only, the broker refusing a
+publish) are not the message's fault: they pause consumption. The consumer cancels its
+subscription, keeps the deliveries it holds (returning them would charge each a delivery
+against the quorum queue's limit), probes with backoff, then handles them and subscribes again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from aio_pika import Message
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -27,7 +37,7 @@ from aio_pika.abc import (
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from tenacity import (
@@ -41,11 +51,18 @@ from tributary.contracts.catalog import CatalogError, catalog
 from tributary.contracts.envelope import CloudEvent, MalformedEvent, parse_event
 from tributary.contracts.events import Payload
 from tributary.contracts.pii import scrub_text
-from tributary.contracts.upcasting import NoUpcastPath, upcast
+from tributary.contracts.upcasting import NoUpcastPath, UpcastFailed, upcast
 from tributary.contracts.validation import SchemaViolation, validate
 from tributary.messaging import context, headers
 from tributary.messaging.db import InboxRow, session_factory, utcnow
-from tributary.messaging.errors import DlqReason, PermanentError, Rejected
+from tributary.messaging.errors import (
+    DlqReason,
+    HandlerTimeout,
+    InfrastructureError,
+    PermanentError,
+    Rejected,
+)
+from tributary.messaging.faults import as_infrastructure, brief
 from tributary.messaging.publisher import Publisher
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.topology import Names, QueueSet
@@ -56,7 +73,10 @@ tracer = trace.get_tracer("tributary.messaging")
 
 Handler = Callable[[CloudEvent[Any], UnitOfWork], Awaitable[None]]
 _CLOSE_TIMEOUT = 5.0  # a broker that is gone must not hold up a shutdown
-Outcome = Literal["processed", "duplicate", "retried", "dead_lettered"]
+_WATCH_SECONDS = 5.0  # how often the subscription is checked
+_STALL_SECONDS = 30.0  # a batch in hand this much longer than a handler may take: not progressing
+Outcome = Literal["processed", "duplicate", "retried", "dead_lettered", "requeued"]
+"""``requeued``: handed back to the queue unprocessed (a stop, or a failure while settling)."""
 OutcomeListener = Callable[["OutcomeRecord"], None]
 
 
@@ -116,6 +136,7 @@ class QueueConsumer:
         settings: MessagingSettings,
         on_commit: Callable[[], None],
         listeners: list[OutcomeListener],
+        broker_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.service = service
         self.queues = queues
@@ -126,27 +147,41 @@ class QueueConsumer:
         self._settings = settings
         self._on_commit = on_commit
         self._listeners = listeners
+        self._broker_ready = broker_ready
         self._source = f"/services/{service}"
         self._pending: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        # every delivery handed to us and not yet acked, nacked or rejected, by (channel, tag)
+        self._unsettled: dict[tuple[int, int], AbstractIncomingMessage] = {}
         self._workers: list[asyncio.Task[None]] = []
+        self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._cautious = False
         self._stopping = False
         self._speedup: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._suspect = False  # the subscription looked lost on the last check
+        # the circuit breaker: set while an outage pauses consumption
+        self._paused: InfrastructureError | None = None
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._probing: asyncio.Task[None] | None = None
+        self._backoff = 0.0
+        self._busy_since: float | None = None
         self._retrying = AsyncRetrying(
             stop=stop_after_attempt(settings.inprocess_retries),
             wait=wait_exponential_jitter(
                 multiplier=settings.inprocess_backoff_seconds, max=2.0, jitter=0.05
             ),
-            retry=retry_if_not_exception_type(PermanentError),
+            retry=retry_if_not_exception_type((PermanentError, InfrastructureError)),
             reraise=True,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, connection: AbstractConnection) -> None:
+        self._connection = connection
         self._channel = await connection.channel()
         # ensure=True registers the queue with the robust channel: only then are it and its
         # consumer restored after a reconnect
@@ -161,39 +196,54 @@ class QueueConsumer:
         self._cautious = self._settings.prefetch > 1
         await self._channel.set_qos(prefetch_count=1 if self._cautious else self._settings.prefetch)
         self._tag = await self._queue.consume(self._on_message)
+        self._watch = asyncio.create_task(self._watchdog(), name=f"{self.queues.work}-watch")
 
     async def _full_speed(self) -> None:
         """The first fresh delivery: re-subscribe with the configured prefetch."""
-        if self._queue is None or self._channel is None or self._tag is None:
+        if self._channel is None or self._paused is not None or self._stopping:
             return
         try:
-            await self._queue.cancel(self._tag)
+            await self._unsubscribe()
             await self._channel.set_qos(prefetch_count=self._settings.prefetch)
-            self._tag = await self._queue.consume(self._on_message)
-        except Exception as exc:  # closing or reconnecting: the robust channel re-consumes
+            await self._subscribe()
+        except Exception as exc:  # closing or reconnecting: the watchdog subscribes again
             log.warning("raising prefetch on %s failed: %s", self.queues.work, exc)
 
     @property
     def running(self) -> bool:
         return (
-            self._tag is not None
-            and self._channel is not None
-            and not self._channel.is_closed
-            and all(not w.done() for w in self._workers)
+            self._registered() and self._paused is None and all(not w.done() for w in self._workers)
         )
 
-    async def stop(self) -> None:
-        """Finish the batches in hand and ack them, then stop consuming and close.
+    def health(self) -> tuple[bool, str | None]:
+        """Ready, or why not: paused by an outage, not subscribed, or stuck on a batch."""
+        if self._paused is not None:
+            return False, f"paused: {self._paused}"
+        if any(w.done() for w in self._workers):
+            return False, f"{self.queues.work}: a worker has stopped"
+        if not self._registered():
+            return False, f"{self.queues.work}: no consumer registered with the broker"
+        limit = self._settings.handler_timeout_seconds + _STALL_SECONDS
+        if self._busy_since is not None and time.monotonic() - self._busy_since > limit:
+            return False, f"{self.queues.work}: no progress for over {limit:.0f} s"
+        return True, None
 
-        Deliveries not yet started are left unacked: closing the channel hands them back.
-        (Acks sent just before a quorum queue's channel closes can be lost by RabbitMQ 3.x; the
-        acks go out before the cancel and the close, and the inbox absorbs any redelivery.)
+    async def stop(self) -> None:
+        """Cancel the subscription, finish every delivery in hand, then close.
+
+        Cancelling first means nothing new arrives while the grace period runs; what is
+        already here is handled and acked rather than handed back, because every return is
+        charged against the quorum queue's delivery limit. Only deliveries still unsettled
+        when the grace period ends (or held by a paused consumer) are returned.
         """
         self._stopping = True
-        if self._speedup is not None:
-            await asyncio.gather(self._speedup, return_exceptions=True)
-        while not self._pending.empty():
-            self._pending.get_nowait()
+        for task in (self._speedup, self._watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self._unsubscribe()
+        await asyncio.sleep(0)  # let deliveries dispatched before the cancel-ok reach us
+        self._resumed.set()  # a paused consumer gives up what it holds
         for _ in self._workers:
             self._pending.put_nowait(None)
         if self._workers:
@@ -202,12 +252,12 @@ class QueueConsumer:
             )
             for task in late:
                 task.cancel()
-        if self._queue is not None and self._tag is not None:
-            try:
-                await asyncio.wait_for(self._queue.cancel(self._tag), _CLOSE_TIMEOUT)
-            except Exception as exc:  # channel already gone: the broker requeues for us
-                log.debug("cancel of %s failed: %s", self.queues.work, exc)
-            self._tag = None
+            await asyncio.gather(*late, return_exceptions=True)
+        if self._probing is not None:
+            self._probing.cancel()
+            await asyncio.gather(self._probing, return_exceptions=True)
+        for message in list(self._unsettled.values()):
+            await self._requeue(message, "stopping")
         if self._channel is not None and not self._channel.is_closed:
             try:
                 await asyncio.wait_for(self._channel.close(), _CLOSE_TIMEOUT)
@@ -215,50 +265,200 @@ class QueueConsumer:
                 log.debug("closing the channel of %s failed: %s", self.queues.work, exc)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        if self._stopping:
-            return  # left unacked: the channel's close hands it back to the broker
+        self._unsettled[_key(message)] = message
         self._pending.put_nowait(message)
-        if self._cautious and not message.redelivered:
+        if self._cautious and not message.redelivered and not self._stopping:
             self._cautious = False
             self._speedup = asyncio.create_task(self._full_speed())
 
-    async def _work(self) -> None:
-        while True:
-            first = await self._pending.get()
-            if first is None:
-                return
-            batch = [first]
-            # never wait to fill a batch: take only what is already here
-            while len(batch) < self._settings.batch_max and not self._pending.empty():
-                nxt = self._pending.get_nowait()
-                if nxt is None:
-                    self._pending.put_nowait(None)
-                    break
-                batch.append(nxt)
+    # -- the subscription ------------------------------------------------------------------
+
+    async def _subscribe(self) -> None:
+        if self._queue is not None and self._tag is None:
+            self._tag = await asyncio.wait_for(
+                self._queue.consume(self._on_message), _CLOSE_TIMEOUT
+            )
+
+    async def _unsubscribe(self) -> None:
+        """Cancel our consumer (deliveries already sent stay ours, unacked)."""
+        tag, self._tag = self._tag, None
+        if self._queue is not None and tag is not None:
             try:
-                await self.handle(batch)
-            except Exception:
-                # broker or database gone mid-way: unacked deliveries come back after recovery
-                log.exception("batch of %d on %s not settled", len(batch), self.queues.work)
+                await asyncio.wait_for(self._queue.cancel(tag), _CLOSE_TIMEOUT)
+            except Exception as exc:  # channel already gone: the broker forgot it too
+                log.debug("cancel on %s failed: %s", self.queues.work, exc)
+
+    def _registered(self) -> bool:
+        """Our consumer tag is live on an open channel."""
+        if self._tag is None or self._channel is None or self._channel.is_closed:
+            return False
+        try:
+            underlying = self._channel.channel  # type: ignore[attr-defined]
+        except Exception:  # reconnecting
+            return False
+        return self._tag in underlying.consumers
+
+    async def _watchdog(self) -> None:
+        """Re-register a subscription the broker dropped (a cancel, a closed channel).
+
+        A robust channel restores its consumers after a reconnect, but not one that was
+        cancelled just before the connection dropped, nor one the broker cancelled. A lost
+        subscription is acted on when seen on two checks in a row, so a reconnect in progress
+        is left to finish.
+        """
+        checks = 0
+        while not self._stopping:
+            await asyncio.sleep(_WATCH_SECONDS)
+            if self._paused is not None or self._stopping:
+                self._suspect = False
+                continue
+            checks += 1
+            lost = not self._registered()
+            if not lost and checks % 6 == 0:
+                lost = await self._broker_sees_no_consumer()
+            if lost and self._suspect and self._channel is not None:
+                if self._channel.is_closed:
+                    continue  # the robust connection reopens it and restores the consumer
+                log.warning("consumer on %s lost: subscribing again", self.queues.work)
+                try:
+                    await self._unsubscribe()
+                    await self._subscribe()
+                except Exception as exc:
+                    log.warning("subscribing to %s failed: %s", self.queues.work, exc)
+                lost = False
+            self._suspect = lost
+
+    async def _broker_sees_no_consumer(self) -> bool:
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return False
+        probe: AbstractChannel | None = None
+        try:
+            probe = await self._connection.channel()  # type: ignore[union-attr]
+            # a robust channel would answer a passive declare from its cache
+            declared = await probe.declare_queue(
+                self.queues.work,
+                passive=True,
+                robust=False,  # type: ignore[call-arg]
+            )
+            return (declared.declaration_result.consumer_count or 0) == 0
+        except Exception as exc:
+            log.debug("consumer check on %s failed: %s", self.queues.work, exc)
+            return False
+        finally:
+            if probe is not None and not probe.is_closed:
+                with contextlib.suppress(Exception):
+                    await probe.close()
+
+    # -- the circuit breaker ---------------------------------------------------------------
+
+    async def _pause(self, failure: InfrastructureError) -> None:
+        """Stop taking deliveries until the failed component works; returns on resume/stop."""
+        if self._paused is None:
+            self._paused = failure
+            self._resumed.clear()
+            log.warning(
+                "consumption of %s paused: %s",
+                self.queues.work,
+                failure,
+                extra={"consumer": self.queues.consumer, "outcome": "paused"},
+            )
+            await self._unsubscribe()
+            self._probing = asyncio.create_task(self._probe(failure.component))
+        await self._resumed.wait()
+
+    async def _probe(self, component: str) -> None:
+        while not self._stopping:
+            self._backoff = min(max(self._backoff * 2, 0.2), self._settings.pause_probe_max_seconds)
+            await asyncio.sleep(self._backoff * random.uniform(0.8, 1.2))
+            try:
+                if component == "database":
+                    await self._probe_database()
+                elif not self._broker_ready():
+                    continue
+                await self._subscribe()
+            except Exception as exc:
+                log.info("%s still unavailable for %s: %s", component, self.queues.work, brief(exc))
+                continue
+            log.warning(
+                "consumption of %s resumed",
+                self.queues.work,
+                extra={"consumer": self.queues.consumer, "outcome": "resumed"},
+            )
+            self._paused = None
+            self._resumed.set()
+            return
+
+    async def _probe_database(self) -> None:
+        """A write transaction: a read-only database passes ``SELECT 1`` but not this."""
+        async with self._sessions() as session, session.begin():
+            await session.exec(  # type: ignore[call-overload]
+                text("UPDATE tributary_outbox_lease SET owner = owner WHERE name = ''")
+            )
+
+    # -- the work loop ---------------------------------------------------------------------
+
+    async def _next_batch(self) -> list[AbstractIncomingMessage] | None:
+        first = await self._pending.get()
+        if first is None:
+            return None
+        batch = [first]
+        # never wait to fill a batch: take only what is already here
+        while len(batch) < self._settings.batch_max and not self._pending.empty():
+            nxt = self._pending.get_nowait()
+            if nxt is None:
+                self._pending.put_nowait(None)
+                break
+            batch.append(nxt)
+        return batch
+
+    async def _work(self) -> None:
+        while (batch := await self._next_batch()) is not None:
+            self._busy_since = time.monotonic()
+            try:
+                while batch:
+                    if self._paused is not None:
+                        await self._resumed.wait()
+                    if self._paused is not None:  # stopping while paused: hand them back
+                        return
+                    try:
+                        await self.handle(batch)
+                        self._backoff = 0.0
+                    except InfrastructureError as failure:
+                        await self._pause(failure)
+                    except Exception:  # handle() settles each delivery; this is a bug in it
+                        log.exception("batch on %s failed unexpectedly", self.queues.work)
+                        for message in batch:
+                            if not self._settled(message):
+                                await self._requeue(message, "unexpected_error")
+                    batch = [m for m in batch if not self._settled(m)]
+            finally:
+                self._busy_since = None
 
     # -- one batch ---------------------------------------------------------------------------
 
     async def handle(self, batch: list[AbstractIncomingMessage]) -> None:
+        """Settle every delivery of ``batch``; raises only :class:`InfrastructureError`."""
         prepared: list[_Prepared] = []
         for message in batch:
             try:
                 prepared.append(self._prepare(message))
             except Rejected as rejected:
-                await self._dead_letter(message, rejected.reason, rejected.detail, attempts=0)
+                await self._guarded(
+                    message,
+                    None,
+                    self._dead_letter(message, rejected.reason, rejected.detail, attempts=0),
+                )
+            except Exception as exc:
+                await self._unexpected(message, exc, None)
         groupable = [p for p in prepared if not p.sub.irreversible]
         one_by_one = prepared
         if len(groupable) > 1 and self._settings.batch_max > 1:
-            # one worker settles its batches in delivery order, so when the group is the whole
-            # batch every older delivery on the channel is settled: one multiple-ack will do
-            whole = self._settings.concurrency == 1 and len(groupable) == len(batch)
             try:
-                await self._transact(groupable, ack_together=whole)
+                await self._transact(groupable)
                 one_by_one = [p for p in prepared if p.sub.irreversible]
+            except InfrastructureError:
+                raise
             except Exception as exc:
                 log.info(
                     "batch of %d on %s failed (%s): handling one per transaction",
@@ -267,7 +467,45 @@ class QueueConsumer:
                     type(exc).__name__,
                 )
         for p in one_by_one:
-            await self._single(p)
+            if not self._settled(p.message):
+                await self._guarded(p.message, p, self._single(p))
+
+    async def _guarded(
+        self, message: AbstractIncomingMessage, p: _Prepared | None, work: Awaitable[None]
+    ) -> None:
+        """Run ``work``; anything it did not expect dead-letters this message alone."""
+        try:
+            await work
+        except InfrastructureError:
+            raise
+        except Exception as exc:
+            await self._unexpected(message, exc, p)
+
+    async def _unexpected(
+        self, message: AbstractIncomingMessage, exc: Exception, p: _Prepared | None
+    ) -> None:
+        if self._settled(message):
+            return
+        log.error(
+            "unexpected %s for a delivery on %s: dead-lettering it",
+            type(exc).__name__,
+            self.queues.work,
+            exc_info=exc,
+        )
+        try:
+            await self._dead_letter(
+                message,
+                "unexpected_error",
+                _describe(exc),
+                attempts=p.ctx.attempt if p else 0,
+                prepared=p,
+                exception=type(exc).__name__,
+            )
+        except InfrastructureError:
+            raise
+        except Exception as again:  # even the DLQ copy failed: give it back to the queue
+            log.error("dead-lettering on %s failed: %s", self.queues.work, brief(again))
+            await self._requeue(message, "unexpected_error")
 
     def _prepare(self, message: AbstractIncomingMessage) -> _Prepared:
         try:
@@ -293,6 +531,8 @@ class QueueConsumer:
                 data = upcast(spec.type, spec.version, data, sub.payload_type.version)
             except NoUpcastPath as exc:
                 raise Rejected("unknown_type", str(exc)) from None
+            except UpcastFailed as exc:
+                raise Rejected("upcast_failed", f"{exc}: {exc.__cause__}") from None
         try:
             payload = sub.payload_type.model_validate(data)
         except ValidationError as exc:
@@ -318,53 +558,66 @@ class QueueConsumer:
             ),
         )
 
-    async def _transact(
-        self, items: list[_Prepared], attempt: int | None = None, *, ack_together: bool = False
-    ) -> None:
-        """Handle ``items`` in one transaction: inbox check, handlers, inbox rows, commit, ack."""
+    async def _transact(self, items: list[_Prepared], attempt: int | None = None) -> None:
+        """Handle ``items`` in one transaction: inbox check, handlers, inbox rows, commit, ack.
+
+        A database failure anywhere in it, or one a handler ran into, is raised as an
+        :class:`InfrastructureError`; other handler errors are raised as they are.
+        """
         outcomes: list[Literal["processed", "duplicate", "conflict"]] = []
         produced = 0
-        async with self._sessions() as session, session.begin():
-            keys = {p.key for p in items}
-            known: dict[str, str] = dict(
-                (
-                    await session.exec(
-                        select(InboxRow.key, InboxRow.payload_hash).where(
-                            col(InboxRow.key).in_(keys)
+        from_handler: BaseException | None = None
+        try:
+            async with self._sessions() as session, session.begin():
+                keys = {p.key for p in items}
+                known: dict[str, str] = dict(
+                    (
+                        await session.exec(
+                            select(InboxRow.key, InboxRow.payload_hash).where(
+                                col(InboxRow.key).in_(keys)
+                            )
                         )
-                    )
-                ).all()
-            )
-            rows: list[dict[str, Any]] = []
-            for p in items:
-                seen = known.get(p.key)
-                if seen is not None:
-                    outcomes.append("duplicate" if seen == p.digest else "conflict")
-                    continue
-                uow = UnitOfWork(session, self._source)
-                started = time.perf_counter()
-                with self._scope(p, attempt):
-                    await p.sub.handler(p.event, uow)
-                p.duration = time.perf_counter() - started
-                produced += uow.outbox.added
-                known[p.key] = p.digest
-                rows.append(
-                    {
-                        "key": p.key,
-                        "payload_hash": p.digest,
-                        "event_id": p.event.id,
-                        "event_type": p.event.type,
-                        "processed_at": utcnow(),
-                    }
+                    ).all()
                 )
-                outcomes.append("processed")
-            if rows:
-                await session.exec(insert(InboxRow), params=rows)
+                rows: list[dict[str, Any]] = []
+                for p in items:
+                    seen = known.get(p.key)
+                    if seen is not None:
+                        outcomes.append("duplicate" if seen == p.digest else "conflict")
+                        continue
+                    uow = UnitOfWork(session, self._source)
+                    started = time.perf_counter()
+                    try:
+                        with self._scope(p, attempt):
+                            await self._run_handler(p, uow)
+                    except Exception as exc:
+                        from_handler = exc
+                        raise
+                    p.duration = time.perf_counter() - started
+                    produced += uow.outbox.added
+                    known[p.key] = p.digest
+                    rows.append(
+                        {
+                            "key": p.key,
+                            "payload_hash": p.digest,
+                            "event_id": p.event.id,
+                            "event_type": p.event.type,
+                            "processed_at": utcnow(),
+                        }
+                    )
+                    outcomes.append("processed")
+                if rows:
+                    await session.exec(insert(InboxRow), params=rows)
+        except Exception as exc:
+            failure = as_infrastructure(exc, "database", connecting=exc is not from_handler)
+            if failure is not None:
+                raise failure from exc
+            raise
         if produced:
             self._on_commit()
-        if ack_together and "conflict" not in outcomes:
+        if "conflict" not in outcomes and len(items) > 1 and self._covers_all_older(items):
             last = max(items, key=lambda p: p.message.delivery_tag or 0)
-            await self._settle(last.message.ack(multiple=True))
+            await self._settle(last.message, last.message.ack(multiple=True), items)
             for p, outcome in zip(items, outcomes, strict=True):
                 settled: Outcome = "duplicate" if outcome == "duplicate" else "processed"
                 self._record(p.message, settled, p.event.id, p.event.type, p.ctx.is_replay, p)
@@ -383,6 +636,17 @@ class QueueConsumer:
                     p.message, outcome, p.event.id, p.event.type, p.ctx.is_replay, prepared=p
                 )
 
+    async def _run_handler(self, p: _Prepared, uow: UnitOfWork) -> None:
+        limit = self._settings.handler_timeout_seconds
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                await p.sub.handler(p.event, uow)
+        except TimeoutError:
+            if deadline.expired():
+                raise HandlerTimeout(f"handler took longer than {limit:g} s") from None
+            raise
+
     async def _single(self, p: _Prepared) -> None:
         attempts = 0
         try:
@@ -390,6 +654,8 @@ class QueueConsumer:
                 with attempt:
                     attempts += 1
                     await self._transact([p], attempt=p.ctx.attempt + attempts - 1)
+        except InfrastructureError:
+            raise
         except PermanentError as exc:
             await self._dead_letter(
                 p.message,
@@ -433,6 +699,36 @@ class QueueConsumer:
 
     # -- settling --------------------------------------------------------------------------
 
+    def _settled(self, message: AbstractIncomingMessage) -> bool:
+        return _key(message) not in self._unsettled
+
+    def _covers_all_older(self, items: list[_Prepared]) -> bool:
+        """Whether one multiple-ack for ``items`` would acknowledge nothing else."""
+        channel = id(items[0].message.channel)
+        tags = {p.message.delivery_tag for p in items if id(p.message.channel) == channel}
+        if len(tags) != len(items):
+            return False
+        top = max(t or 0 for t in tags)
+        return all(tag in tags for (ch, tag) in self._unsettled if ch == channel and tag <= top)
+
+    async def _publish_copy(self, routing_key: str, exchange: str, copy: Message) -> None:
+        """Publish a retry or DLQ copy, confirmed; a broker failure pauses consumption."""
+        try:
+            await self._publisher.publish(exchange, routing_key, copy)
+        except Exception as exc:
+            failure = as_infrastructure(exc, "broker")
+            if failure is None:
+                # headers the broker handed us that it will not take back (bytes, deep tables)
+                copy.headers = headers.plain(copy.headers)
+                try:
+                    await self._publisher.publish(exchange, routing_key, copy)
+                    return
+                except Exception as again:
+                    failure = as_infrastructure(again, "broker")
+                    if failure is None:
+                        raise
+            raise failure from exc
+
     async def _retry_later(self, p: _Prepared, exc: BaseException, attempts: int) -> None:
         message = p.message
         retries = headers.int_header(message, headers.RETRIES)
@@ -448,6 +744,7 @@ class QueueConsumer:
                 headers.RETRIES: retries + 1,
                 headers.ATTEMPTS: total,
                 headers.ERROR: _describe(exc),
+                headers.EXCEPTION: type(exc).__name__,
                 headers.CONSUMER: self.queues.consumer,
                 headers.FIRST_FAILURE: headers.text(
                     headers.header(message, headers.FIRST_FAILURE) or headers.now_iso()
@@ -456,7 +753,7 @@ class QueueConsumer:
                 headers.ROUTING_KEY: headers.original_routing_key(message),
             },
         )
-        await self._publisher.publish("", self.queues.retries[retries], copy)
+        await self._publish_copy(self.queues.retries[retries], "", copy)
         await self._ack(message, "retried", p.event.id, p.event.type, p.ctx.is_replay)
 
     async def _dead_letter(
@@ -467,24 +764,24 @@ class QueueConsumer:
         *,
         attempts: int,
         prepared: _Prepared | None = None,
+        exception: str | None = None,
     ) -> None:
         now = headers.now_iso()
-        copy = headers.copy_of(
-            message,
-            {
-                headers.REASON: reason,
-                headers.ERROR: scrub_text(detail)[:1000],
-                headers.CONSUMER: self.queues.consumer,
-                headers.ATTEMPTS: attempts,
-                headers.FIRST_FAILURE: headers.text(
-                    headers.header(message, headers.FIRST_FAILURE) or now
-                ),
-                headers.LAST_FAILURE: now,
-                headers.ROUTING_KEY: headers.original_routing_key(message),
-            },
-        )
+        extra: dict[str, Any] = {
+            headers.REASON: reason,
+            headers.ERROR: scrub_text(detail)[:1000],
+            headers.CONSUMER: self.queues.consumer,
+            headers.ATTEMPTS: attempts,
+            headers.FIRST_FAILURE: headers.text(
+                headers.header(message, headers.FIRST_FAILURE) or now
+            ),
+            headers.LAST_FAILURE: now,
+            headers.ROUTING_KEY: headers.original_routing_key(message),
+        }
+        if exception is not None:
+            extra[headers.EXCEPTION] = exception
         # confirmed in the DLQ before the original is acked: never lost in between
-        await self._publisher.publish(self._names.dlx, self.queues.dlq, copy)
+        await self._publish_copy(self.queues.dlq, self._names.dlx, headers.copy_of(message, extra))
         event_id: str | None = message.message_id
         event_type: str | None = message.type
         replay = headers.is_replay(message)
@@ -502,8 +799,16 @@ class QueueConsumer:
         reason: str | None = None,
         prepared: _Prepared | None = None,
     ) -> None:
-        await self._settle(message.ack())
+        await self._settle(message, message.ack())
         self._record(message, outcome, event_id, event_type, replay, prepared, reason)
+
+    async def _requeue(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Hand a delivery back unprocessed (counts toward the queue's delivery limit)."""
+        if self._settled(message):
+            return
+        await self._settle(message, message.nack(requeue=True))
+        replay = headers.is_replay(message)
+        self._record(message, "requeued", message.message_id, message.type, replay, None, reason)
 
     def _record(
         self,
@@ -527,8 +832,15 @@ class QueueConsumer:
             backlog=prepared.backlog if prepared else None,
         )
         for listener in self._listeners:
-            listener(record)
-        level = logging.WARNING if outcome in ("retried", "dead_lettered") else logging.DEBUG
+            try:
+                listener(record)
+            except Exception:  # a listener must not undo a settled delivery
+                log.exception("outcome listener failed on %s", self.queues.work)
+        level = (
+            logging.WARNING
+            if outcome in ("retried", "dead_lettered", "requeued")
+            else logging.DEBUG
+        )
         if log.isEnabledFor(level):
             log.log(
                 level,
@@ -548,12 +860,23 @@ class QueueConsumer:
                 },
             )
 
-    @staticmethod
-    async def _settle(op: Awaitable[None]) -> None:
+    async def _settle(
+        self,
+        message: AbstractIncomingMessage,
+        op: Awaitable[None],
+        group: list[_Prepared] | None = None,
+    ) -> None:
+        """Send an ack/nack; the deliveries it covers are settled whether or not it arrives."""
+        for m in [p.message for p in group] if group else [message]:
+            self._unsettled.pop(_key(m), None)
         try:
             await op
         except Exception as exc:  # channel closed: the broker redelivers; the inbox dedupes
             log.warning("ack/nack not delivered: %s", exc)
+
+
+def _key(message: AbstractIncomingMessage) -> tuple[int, int]:
+    return id(message.channel), message.delivery_tag or 0
 
 
 def _describe(exc: BaseException) -> str:

@@ -135,7 +135,14 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 10)
     # no pool_pre_ping: it costs a round trip per transaction, and a connection that died with
-    # the server fails its transaction, which the consumer retries and the relay backs off from
+    # the server fails its transaction, which the consumer retries and the relay backs off from.
+    # Bounded waits: a server that vanished without closing the socket must not hang a worker
+    # (connect within 10 s, each statement within 60 s).
+    kwargs["connect_args"] = {
+        "timeout": 10,
+        "command_timeout": 60,
+        **kwargs.get("connect_args", {}),
+    }
     return create_async_engine(url, **kwargs)
 
 

@@ -27,7 +27,19 @@ BROKER_HEADERS = ("x-death", "x-delivery-count", "x-first-death-", "x-last-death
 
 
 def text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """A header value as text; bytes that are not UTF-8 are shown, not fatal."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def plain(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Header values any publish accepts: 64-bit integers as they are, everything else as text."""
+    out: dict[str, Any] = {}
+    for name, value in (values or {}).items():
+        if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
+            out[name] = value
+        else:
+            out[name] = text(value)[:1000]
+    return out
 
 
 def header(message: AbstractIncomingMessage, name: str, default: Any = None) -> Any:

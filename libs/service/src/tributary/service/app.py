@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -19,6 +20,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from tributary.messaging.bus import Bus, Handlers
 from tributary.messaging.db import create_engine, session_factory
+from tributary.messaging.faults import brief
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.uow import UnitOfWork
 from tributary.observability.metrics import ServiceMetrics
@@ -119,22 +121,36 @@ def health_router() -> APIRouter:
 
     @router.get("/health/ready", response_model=None)
     async def ready(request: Request) -> JSONResponse:
-        """Database reachable, broker connected, consumers running."""
+        """Database writable, broker connected and not blocking us, relay and consumers working.
+
+        503 with a reason per failed check: an outage that paused consumption shows here.
+        """
         checks: dict[str, bool] = {"database": False, "broker": False, "consumers": False}
+        reasons: dict[str, str] = {}
         engine: AsyncEngine | None = getattr(request.app.state, "engine", None)
         bus: Bus | None = getattr(request.app.state, "bus", None)
         if engine is not None:
             try:
-                async with engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
+                async with asyncio.timeout(5):
+                    async with engine.connect() as conn:
+                        await conn.execute(text("SELECT 1"))
                 checks["database"] = True
             except Exception as exc:
+                reasons["database"] = brief(exc)
                 log.warning("readiness: database: %s", type(exc).__name__)
+        else:
+            reasons["database"] = "starting"
         if bus is not None:
-            checks["broker"] = bus.connected
-            checks["consumers"] = bus.consuming
+            for name, (ok, reason) in (await bus.health()).items():
+                checks[name] = ok
+                if reason:
+                    reasons[name] = reason
+        else:
+            reasons["broker"] = "starting"
         ok = all(checks.values())
         body: dict[str, Any] = {"status": "ready" if ok else "not ready", "checks": checks}
+        if reasons:
+            body["reasons"] = reasons
         return JSONResponse(body, status_code=200 if ok else 503)
 
     return router
