@@ -22,7 +22,6 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
-from aiormq.exceptions import ChannelInvalidStateError, DeliveryError
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from sqlalchemy.event import listen, remove
@@ -35,6 +34,7 @@ from tributary.contracts.events import Payload, UserCreatedV2
 from tributary.messaging import context
 from tributary.messaging.bus import Bus
 from tributary.messaging.db import OutboxRow, session_factory, utcnow
+from tributary.messaging.errors import InfrastructureError
 from tributary.messaging.publisher import Publisher
 from tributary.messaging.relay import OutboxRelay
 from tributary.messaging.settings import MessagingSettings
@@ -317,7 +317,7 @@ async def test_an_unroutable_row_stays_pending_without_blocking_the_rows_after_i
     assert unroutable >= 1
 
 
-async def test_a_row_the_broker_nacks_stays_pending(
+async def test_a_row_the_broker_nacks_stays_pending_and_is_charged_an_attempt(
     engine: AsyncEngine,
     broker_url: str,
     settings: MessagingSettings,
@@ -335,11 +335,15 @@ async def test_a_row_the_broker_nacks_stays_pending(
     await publisher.open()
     [event_id] = await commit_events(engine, [new_user()])
 
-    with pytest.raises(DeliveryError):
-        await relay_with(engine, publisher, settings).drain_once()
+    relay = relay_with(engine, publisher, settings)
+    assert await relay.drain_once() == 0  # a refusal of this row, not an outage: no raise
 
     row = await row_of(engine, event_id)
     assert row.published_at is None
+    assert row.attempts == 1
+    assert row.next_attempt_at is not None
+    assert "nacked" in (row.last_error or "")
+    assert relay.stats.refused == 1
     await publisher.close()
 
 
@@ -374,7 +378,7 @@ async def test_purge_deletes_only_rows_published_before_the_replay_window(
     fresh_pending = raw_row()
     await insert_rows(engine, [expired, recent, old_pending, fresh_pending])
 
-    assert await relay.purge() == 1
+    assert await relay.purge() == (1, 0)
 
     remaining = {r.event_id for r in await outbox_rows(engine)}
     assert remaining == {recent.event_id, old_pending.event_id, fresh_pending.event_id}
@@ -447,9 +451,13 @@ async def test_a_publish_on_a_closed_channel_fails_and_a_healthy_relay_publishes
         await broken.close()  # as if the broker had dropped the channel
         [event_id] = await commit_events(engine, [new_user()])
 
-        with pytest.raises(ChannelInvalidStateError):
-            await relay_with(engine, broken, settings).drain_once()
-        assert (await row_of(engine, event_id)).published_at is None
+        failing = relay_with(engine, broken, settings)
+        with pytest.raises(InfrastructureError):
+            await failing.drain_once()
+        row = await row_of(engine, event_id)
+        assert row.published_at is None
+        assert row.attempts == 0  # an outage is not the row's fault
+        assert failing.stats.step_failures["publish"] == 1
 
         healthy_publisher = Publisher(connection)
         await healthy_publisher.open()

@@ -1,4 +1,14 @@
-"""Confirmed, mandatory, persistent publishing with many confirms in flight."""
+"""Confirmed, mandatory, persistent publishing with many confirms in flight.
+
+Every publish waits for its confirm at most ``timeout`` seconds. A publish that fails for any
+reason but a return (no confirm in time, a nack, the channel or connection closed) raises
+:class:`~tributary.messaging.errors.InfrastructureError` with component ``"broker"``.
+
+Such a failure is **ambiguous**: a message whose confirm timed out, or whose connection closed
+before the confirm came, may still have been delivered. Callers keep the message's source (the
+outbox row, the delivery in hand) until a confirm and publish it again; consumers deduplicate on
+the event id, which is why both exist.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +18,23 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
-from aiormq.exceptions import PublishError
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
 
 from tributary.contracts.catalog import NAMESPACE
 from tributary.contracts.envelope import CONTENT_TYPE
-from tributary.messaging.errors import Unroutable
+from tributary.messaging.errors import InfrastructureError, Unroutable
+
+DEFAULT_CONFIRM_TIMEOUT = 15.0
+"""Seconds; services pass ``MessagingSettings.publish_timeout_seconds``."""
+
+
+class PublishRefused(InfrastructureError):
+    """The broker nacked the message (a full queue with ``reject-publish``, an internal error).
+
+    An :class:`InfrastructureError` for callers that pause on any broker failure; the relay
+    tells it apart because it concerns this message's destination, so it counts toward the
+    row's attempts.
+    """
 
 
 def event_message(
@@ -46,8 +68,15 @@ class Publisher:
     outstanding together, which is what makes publishing fast.
     """
 
-    def __init__(self, connection: AbstractConnection, *, in_flight: int = 256) -> None:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        *,
+        in_flight: int = 256,
+        timeout: float = DEFAULT_CONFIRM_TIMEOUT,
+    ) -> None:
         self._connection = connection
+        self._timeout = timeout
         self._limit = asyncio.Semaphore(in_flight)
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -74,13 +103,30 @@ class Publisher:
         return exchange
 
     async def publish(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
-        """Publish ``mandatory`` and wait for the confirm; :class:`Unroutable` if returned."""
-        target = await self._exchange(exchange)
-        async with self._limit:
-            try:
-                # returns the Basic.Ack; a nack raises DeliveryError, a return PublishError
-                await target.publish(message, routing_key, mandatory=True)
-            except PublishError as exc:
-                raise Unroutable(
-                    f"no queue bound to {routing_key!r} on exchange {exchange!r}"
-                ) from exc
+        """Publish ``mandatory`` and wait for the confirm.
+
+        Raises :class:`Unroutable` if the broker returned the message, :class:`PublishRefused`
+        on a nack and :class:`InfrastructureError` on any other failure, including no confirm
+        within the timeout (the wait for a free in-flight slot counts too: the whole call is
+        bounded). See the module docstring for why a failure may still have been delivered.
+        """
+        try:
+            async with asyncio.timeout(self._timeout):
+                target = await self._exchange(exchange)
+                async with self._limit:
+                    # returns the Basic.Ack; a nack raises DeliveryError, a return PublishError
+                    await target.publish(message, routing_key, mandatory=True)
+        except PublishError as exc:
+            raise Unroutable(f"no queue bound to {routing_key!r} on exchange {exchange!r}") from exc
+        except DeliveryError as exc:
+            raise PublishRefused(
+                "broker", f"{routing_key!r} on exchange {exchange!r} nacked by the broker"
+            ) from exc
+        except TimeoutError as exc:
+            raise InfrastructureError(
+                "broker", f"no publisher confirm within {self._timeout:g} s (may be delivered)"
+            ) from exc
+        except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
+            # a closed channel or connection: the broker is gone or refused us
+            detail = f"publish failed: {type(exc).__name__}: {exc}"[:500]
+            raise InfrastructureError("broker", detail) from exc

@@ -1,4 +1,16 @@
-"""The outbox relay: publishes committed outbox rows in order, marks them after the confirm."""
+"""The outbox relay: publishes committed outbox rows and marks them after the broker's confirm.
+
+Each batch is claimed in commit (``seq``) order but its confirms are awaited concurrently, and a
+row that fails is retried later: consumers must not rely on the order of events.
+
+The relay is built to keep going. Every step (``claim``, ``publish``, ``mark``, ``purge``)
+that fails is counted and retried with backoff; :meth:`OutboxRelay.supervise` restarts
+:meth:`OutboxRelay.run` if it ends anyway; :meth:`OutboxRelay.health` reports a relay that
+makes no progress while rows wait. A row the broker returns (no queue bound) or refuses is
+retried with exponential backoff, then **parked** after ``RelayPolicy.max_attempts``: it blocks
+nothing behind it and waits for an operator (``eventctl outbox parked`` / ``resend``).
+A broker or database outage does not count toward a row's attempts.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +19,17 @@ import contextlib
 import json
 import logging
 import random
+import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, Literal, NamedTuple
 
+import aio_pika
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
-from sqlalchemy import delete, func, or_, update
+from sqlalchemy import ColumnElement, case, delete, func, or_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -22,9 +37,16 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from tributary.contracts.catalog import NAMESPACE
 from tributary.messaging import context
-from tributary.messaging.db import OutboxLease, OutboxRow, is_sqlite, session_factory, utcnow
-from tributary.messaging.errors import Unroutable
-from tributary.messaging.publisher import Publisher, event_message
+from tributary.messaging.db import (
+    InboxRow,
+    OutboxLease,
+    OutboxRow,
+    is_sqlite,
+    session_factory,
+    utcnow,
+)
+from tributary.messaging.errors import InfrastructureError, Unroutable
+from tributary.messaging.publisher import Publisher, PublishRefused, event_message
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.topology import Names
 
@@ -33,19 +55,123 @@ tracer = trace.get_tracer("tributary.messaging")
 
 LEASE_SECONDS = 15.0
 _HALF_LEASE = timedelta(seconds=LEASE_SECONDS / 2)
-UNROUTABLE_RETRY_SECONDS = 30.0
+FIRST_PURGE_SECONDS = 30.0
+"""The first purge runs this soon after start (or ``outbox_purge_seconds`` if shorter), so
+services that restart often still purge."""
+
+Step = Literal["claim", "publish", "mark", "purge"]
+STEPS: tuple[Step, ...] = ("claim", "publish", "mark", "purge")
+
+
+@dataclass(frozen=True)
+class RelayPolicy:
+    """How hard the relay tries: per row, per step, and when it counts as stalled."""
+
+    max_attempts: int = 10
+    """Publishes of one row that the broker returns or refuses before the row is parked."""
+    row_retry_seconds: float = 2.0
+    """A failed row waits this long, doubled per attempt (2, 4, 8, … s), before its next try."""
+    row_retry_max_seconds: float = 300.0
+    step_backoff_seconds: float = 0.2
+    """First wait after a failed step (or a restart); doubled per failure, with jitter."""
+    step_backoff_max_seconds: float = 30.0
+    stall_seconds: float = 30.0
+    """Not healthy when rows wait and no batch completed for this long."""
+
+    def row_delay(self, attempts: int) -> float:
+        """Seconds before the next try of a row that has failed ``attempts`` times."""
+        return min(self.row_retry_seconds * 2.0 ** (attempts - 1), self.row_retry_max_seconds)
 
 
 @dataclass
 class RelayStats:
     published: int = 0
     unroutable: int = 0
-    broker_errors: int = 0
+    """Publishes the broker returned (no queue bound to the routing key)."""
+    refused: int = 0
+    """Publishes the broker nacked, and rows that failed for a reason of their own."""
+    parked: int = 0
+    """Rows this relay parked."""
     purged: int = 0
+    inbox_purged: int = 0
+    step_failures: dict[Step, int] = field(default_factory=lambda: dict.fromkeys(STEPS, 0))
+    restarts: int = 0
+    """Times :meth:`OutboxRelay.supervise` restarted a relay loop that had ended."""
+    last_publish_at: float | None = None
+    """Unix time of the last confirmed publish."""
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class RelayGauges:
+    """The outbox as metrics show it (read from the database)."""
+
+    waiting: int
+    """Rows not yet published and not parked (including rows backing off after a failure)."""
+    oldest_waiting_age: float | None
+    """Seconds since the oldest waiting row was committed."""
+    parked: int
+    last_publish_at: float | None
+
+
+class Purged(NamedTuple):
+    outbox: int
+    inbox: int
+
+
+@dataclass
+class _Tally:
+    """What one mark did; added to the stats once its transaction has committed."""
+
+    published: int = 0
+    unroutable: int = 0
+    refused: int = 0
+    parked: int = 0
+
+
+class _Backoff:
+    """Exponential backoff with jitter (0.5 to 1.5 times the current delay)."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self._first, self._cap = first, cap
+        self._delay = first
+
+    def next(self) -> float:
+        delay = self._delay * (0.5 + random.random())
+        self._delay = min(self._delay * 2, self._cap)
+        return delay
+
+    def reset(self) -> None:
+        self._delay = self._first
+
+
+def outbox_message(row: OutboxRow, *, app_id: str, headers: dict[str, Any]) -> aio_pika.Message:
+    """The AMQP message for an outbox row (the relay's and ``eventctl outbox resend``'s)."""
+    return event_message(
+        row.body,
+        event_id=row.event_id,
+        routing_key=row.routing_key,
+        app_id=app_id,
+        correlation_id=row.correlation_id,
+        timestamp=row.created_at,
+        headers=headers,
+    )
+
+
+def _is_outage(result: BaseException | None) -> bool:
+    """A broker failure that is not the row's fault (a nack concerns its destination)."""
+    return isinstance(result, InfrastructureError) and not isinstance(result, PublishRefused)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
 
 
 class OutboxRelay:
-    """Runs inside the service; ``notify()`` after a commit wakes it at once."""
+    """Runs inside the service; ``notify()`` after a commit wakes it at once.
+
+    The bus runs :meth:`supervise`; tests may drive :meth:`drain_once` and :meth:`purge`.
+    """
 
     def __init__(
         self,
@@ -55,6 +181,7 @@ class OutboxRelay:
         service: str,
         names: Names,
         settings: MessagingSettings,
+        policy: RelayPolicy | None = None,
     ) -> None:
         self._engine = engine
         self._sessions = session_factory(engine)
@@ -62,97 +189,248 @@ class OutboxRelay:
         self._service = service
         self._names = names
         self._settings = settings
+        self.policy = policy or RelayPolicy()
         self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
         self._stopping = False
         self._owner = uuid.uuid4().hex
         self._sqlite = is_sqlite(engine)
         self._lease_until: datetime | None = None
+        self._last_progress = time.monotonic()
         self.stats = RelayStats()
         self.healthy = True
+        """False from a failed step until the next batch completes."""
 
     def notify(self) -> None:
         self._wake.set()
 
     def stop(self) -> None:
         self._stopping = True
+        self._stopped.set()
         self._wake.set()
 
-    async def run(self) -> None:
-        backoff = 0.2
-        loop = asyncio.get_running_loop()
-        next_purge = loop.time() + self._settings.outbox_purge_seconds
+    # -- the loops ------------------------------------------------------------------------
+
+    async def supervise(self) -> None:
+        """Run :meth:`run` until :meth:`stop`, restarting it (with backoff) whenever it ends."""
+        backoff = self._step_backoff()
         while not self._stopping:
-            self._wake.clear()
+            started = time.monotonic()
             try:
-                while not self._stopping:
-                    published = await self.drain_once()
-                    # a short batch drained everything: go on only if a commit came meanwhile
-                    if published < self._settings.outbox_batch and not self._wake.is_set():
-                        break
-                    self._wake.clear()
-                self.healthy, backoff = True, 0.2
-            except Exception as exc:  # broker or database down: back off and resume
-                self.healthy = False
-                self.stats.broker_errors += 1
-                log.warning("outbox relay paused: %s: %s", type(exc).__name__, exc)
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 30.0)
-                continue
-            if loop.time() >= next_purge:
-                await self.purge()
-                next_purge = loop.time() + self._settings.outbox_purge_seconds
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.outbox_poll_seconds)
+                await self.run()
+            except Exception as exc:
+                self.stats.last_error = f"relay: {_describe(exc)}"
+                log.exception("outbox relay ended by %s; restarting it", type(exc).__name__)
+            else:
+                if self._stopping:
+                    return
+                log.error("outbox relay ended without stop(); restarting it")
+            self.stats.restarts += 1
+            self.healthy = False
+            if time.monotonic() - started > self.policy.step_backoff_max_seconds:
+                backoff.reset()  # it had been running well: this is a fresh failure
+            await self._pause(backoff.next())
+
+    async def run(self) -> None:
+        """Publish until :meth:`stop`; a failed step is counted and retried with backoff."""
+        loop = asyncio.get_running_loop()
+        purge_every = self._settings.outbox_purge_seconds
+        next_purge = loop.time() + min(FIRST_PURGE_SECONDS, purge_every)
+        purge_backoff = self._step_backoff()
+        purging: asyncio.Task[bool] | None = None
+        backoff = self._step_backoff()
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                try:
+                    await self._drain()
+                except Exception:  # counted by the step that failed
+                    self.healthy = False
+                    await self._pause(backoff.next())
+                    continue
+                self.healthy = True
+                backoff.reset()
+                if purging is not None and purging.done():
+                    ok = purging.result()
+                    purging = None
+                    if ok:
+                        purge_backoff.reset()
+                    # a failed purge is tried again soon, never later than on schedule
+                    delay = purge_every if ok else min(purge_backoff.next(), purge_every)
+                    next_purge = loop.time() + delay
+                if purging is None and loop.time() >= next_purge:
+                    # its own task: a long purge must not hold up publishing
+                    purging = asyncio.create_task(self._purge_round(), name="outbox-purge")
+                    next_purge = float("inf")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._settings.outbox_poll_seconds)
+        finally:
+            if purging is not None:
+                purging.cancel()
+                with contextlib.suppress(BaseException):
+                    await purging
+
+    async def _purge_round(self) -> bool:
+        try:
+            await self.purge()
+        except Exception:  # counted by the purge step; the loop schedules a retry
+            return False
+        return True
+
+    async def _drain(self) -> None:
+        """Publish batches until one comes back short and no commit arrived meanwhile."""
+        while not self._stopping:
+            claimed = await self._batch()
+            if claimed < self._settings.outbox_batch and not self._wake.is_set():
+                return
+            self._wake.clear()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once on :meth:`stop`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+
+    def _step_backoff(self) -> _Backoff:
+        return _Backoff(self.policy.step_backoff_seconds, self.policy.step_backoff_max_seconds)
+
+    @contextlib.contextmanager
+    def _step(self, step: Step) -> Iterator[None]:
+        """Count a failure of ``step`` (and keep its reason for :meth:`health`)."""
+        try:
+            yield
+        except Exception as exc:
+            self._failed(step, exc)
+            raise
+
+    def _failed(self, step: Step, exc: BaseException) -> None:
+        self.stats.step_failures[step] += 1
+        self.stats.last_error = f"{step}: {_describe(exc)}"
+        log.warning("outbox relay step %s failed: %s", step, _describe(exc))
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def _ready(self) -> list[ColumnElement[bool]]:
+        """Rows to publish now: unpublished, not parked, not backing off."""
+        return [
+            col(OutboxRow.published_at).is_(None),
+            col(OutboxRow.parked_at).is_(None),
+            or_(
+                col(OutboxRow.next_attempt_at).is_(None),
+                col(OutboxRow.next_attempt_at) <= utcnow(),
+            ),
+        ]
 
     def _pending_query(self) -> SelectOfScalar[OutboxRow]:
-        now = utcnow()
         return (
             select(OutboxRow)
-            .where(col(OutboxRow.published_at).is_(None))
-            .where(
-                or_(
-                    col(OutboxRow.next_attempt_at).is_(None),
-                    col(OutboxRow.next_attempt_at) <= now,
-                )
-            )
+            .where(*self._ready())
             .order_by(col(OutboxRow.seq))
             .limit(self._settings.outbox_batch)
         )
 
     async def drain_once(self) -> int:
-        """Publish one batch of pending rows; returns how many were published."""
-        if not self._sqlite:
-            # PostgreSQL: the claimed rows stay locked (SKIP LOCKED for other replicas) until
-            # they are marked; row locks do not block the service's own writes
-            async with self._sessions() as session, session.begin():
+        """Publish one batch of waiting rows; returns how many were published.
+
+        Raises the failure of a step (after counting it): a database error of the claim or the
+        mark, or the :class:`InfrastructureError` of a broker that failed the publishes.
+        """
+        before = self.stats.published
+        await self._batch()
+        return self.stats.published - before
+
+    async def _batch(self) -> int:
+        """Claim, publish and mark one batch; returns how many rows were claimed."""
+        if self._sqlite:
+            claimed = await self._batch_sqlite()
+        else:
+            claimed = await self._batch_postgres()
+        self._last_progress = time.monotonic()
+        return claimed
+
+    async def _batch_postgres(self) -> int:
+        # the claimed rows stay locked (SKIP LOCKED for other replicas) until they are marked;
+        # row locks do not block the service's own writes, and the publisher's confirm timeout
+        # bounds how long they are held
+        tally: _Tally | None = None
+        async with self._sessions() as session:
+            with self._step("claim"):
                 query = self._pending_query().with_for_update(skip_locked=True)
                 rows: Sequence[OutboxRow] = (await session.exec(query)).all()
                 if not rows:
+                    await session.rollback()
                     return 0
-                results = await self._publish_all(rows)
-                done, failure = await self._record(session, rows, results)
-        else:
-            # SQLite: the lease makes this the only relay; read, then publish outside any
-            # transaction so the service's writers are not held up by the confirms
+            results = await self._publish_all(rows)
+            with contextlib.suppress(Exception), self._step("mark"):  # counted; marked again
+                pending_tally = await self._record(session, rows, results)
+                await session.commit()
+                tally = pending_tally
+        # outside the claim's session: its row locks must be gone before a new transaction
+        # marks the same rows
+        if tally is None:
+            tally = await self._mark_again(rows, results)
+        self._count(tally)
+        self._raise_outage(results)
+        return len(rows)
+
+    async def _batch_sqlite(self) -> int:
+        # the lease makes this the only relay; read, then publish outside any transaction so
+        # the service's writers are not held up by the confirms
+        with self._step("claim"):
             async with self._sessions() as session, session.begin():
                 if not await self._hold_lease(session):
                     return 0
                 rows = (await session.exec(self._pending_query())).all()
-            if not rows:
-                return 0
-            results = await self._publish_all(rows)
+        if not rows:
+            return 0
+        results = await self._publish_all(rows)
+        outage = any(_is_outage(r) for r in results)
+        tally: _Tally | None = None
+        with contextlib.suppress(Exception), self._step("mark"):  # counted; marked again below
             async with self._sessions() as session, session.begin():
-                done, failure = await self._record(session, rows, results)
-                if failure is not None:  # let a healthy replica take over at once
-                    self._lease_until = None
-                    await session.exec(
-                        update(OutboxLease)
-                        .where(col(OutboxLease.owner) == self._owner)
-                        .values(expires_at=utcnow())
-                    )
-        if failure is not None:
-            raise failure
-        return done
+                pending_tally = await self._record(session, rows, results)
+                if outage:  # let a healthy replica take over at once
+                    await self._give_up_lease(session)
+            tally = pending_tally
+        if tally is None:
+            tally = await self._mark_again(rows, results)
+        self._count(tally)
+        self._raise_outage(results)
+        return len(rows)
+
+    async def _mark_again(
+        self, rows: Sequence[OutboxRow], results: list[BaseException | None]
+    ) -> _Tally:
+        """The mark failed: retry it in fresh transactions, else every published row would be
+        sent again. Gives up only on :meth:`stop` (the rows are then sent again: duplicates
+        that consumers drop)."""
+        self.healthy = False
+        backoff = self._step_backoff()
+        while True:
+            await self._pause(backoff.next())
+            if self._stopping:
+                raise InfrastructureError("database", "stopped before the batch was marked")
+            try:
+                with self._step("mark"):
+                    async with self._sessions() as session, session.begin():
+                        tally = await self._record(session, rows, results)
+                return tally
+            except Exception:
+                continue
+
+    def _count(self, tally: _Tally) -> None:
+        stats = self.stats
+        stats.unroutable += tally.unroutable
+        stats.refused += tally.refused
+        stats.parked += tally.parked
+        if tally.published:
+            stats.published += tally.published
+            stats.last_publish_at = time.time()
+
+    def _raise_outage(self, results: list[BaseException | None]) -> None:
+        outage = next((r for r in results if _is_outage(r)), None)
+        if outage is not None:
+            self._failed("publish", outage)
+            raise outage
 
     async def _publish_all(self, rows: Sequence[OutboxRow]) -> list[BaseException | None]:
         return await asyncio.gather(*(self._publish(row) for row in rows), return_exceptions=True)
@@ -162,32 +440,72 @@ class OutboxRelay:
         session: AsyncSession,
         rows: Sequence[OutboxRow],
         results: list[BaseException | None],
-    ) -> tuple[int, BaseException | None]:
-        """Mark confirmed rows published; keep unroutable ones with their error for later."""
+    ) -> _Tally:
+        """Mark confirmed rows published; charge rows that failed on their own an attempt.
+
+        Idempotent, so a mark that failed can be run again: a published row keeps its first
+        time, and an attempt is charged only to a row still at the count read by the claim.
+        """
+        now = utcnow()
+        tally = _Tally()
         done = [row.seq for row, res in zip(rows, results, strict=True) if res is None]
         if done:
             await session.exec(
-                update(OutboxRow).where(col(OutboxRow.seq).in_(done)).values(published_at=utcnow())
+                update(OutboxRow)
+                .where(col(OutboxRow.seq).in_(done))
+                .where(col(OutboxRow.published_at).is_(None))
+                .values(published_at=now)
             )
-            self.stats.published += len(done)
-        failure: BaseException | None = None
-        retry_at = utcnow() + timedelta(seconds=UNROUTABLE_RETRY_SECONDS)
+            tally.published = len(done)
         for row, res in zip(rows, results, strict=True):
-            if isinstance(res, Unroutable):
-                self.stats.unroutable += 1
-                log.error("outbox event %s kept: %s", row.event_id, res)
-                await session.exec(
-                    update(OutboxRow)
-                    .where(col(OutboxRow.seq) == row.seq)
-                    .values(
-                        attempts=OutboxRow.attempts + 1,
-                        last_error=str(res)[:1000],
-                        next_attempt_at=retry_at,
-                    )
-                )
-            elif res is not None and failure is None:
-                failure = res
-        return len(done), failure
+            if res is not None and not _is_outage(res):
+                await self._charge(session, row, res, now, tally)
+        return tally
+
+    async def _charge(
+        self,
+        session: AsyncSession,
+        row: OutboxRow,
+        error: BaseException,
+        now: datetime,
+        tally: _Tally,
+    ) -> None:
+        attempts = row.attempts + 1
+        park = attempts >= self.policy.max_attempts
+        retry_at = None if park else now + timedelta(seconds=self.policy.row_delay(attempts))
+        result = await session.exec(
+            update(OutboxRow)
+            .where(col(OutboxRow.seq) == row.seq)
+            .where(col(OutboxRow.attempts) == row.attempts)
+            .values(
+                attempts=attempts,
+                last_error=_describe(error),
+                next_attempt_at=retry_at,
+                parked_at=now if park else None,
+            )
+        )
+        if not result.rowcount:
+            return  # charged already by the mark that failed after all
+        if isinstance(error, Unroutable):
+            tally.unroutable += 1
+        else:
+            tally.refused += 1
+        if park:
+            tally.parked += 1
+            log.error(
+                "outbox event %s parked after %d attempts: %s",
+                row.event_id,
+                attempts,
+                _describe(error),
+            )
+        else:
+            log.warning(
+                "outbox event %s kept for retry %d/%d: %s",
+                row.event_id,
+                attempts + 1,
+                self.policy.max_attempts,
+                _describe(error),
+            )
 
     async def _publish(self, row: OutboxRow) -> None:
         parent = propagate.extract(json.loads(row.trace_headers or "{}"))
@@ -212,17 +530,9 @@ class OutboxRelay:
                 },
             ),
         ):
-            headers: dict[str, str] = {}
+            headers: dict[str, Any] = {}
             propagate.inject(headers)
-            message = event_message(
-                row.body,
-                event_id=row.event_id,
-                routing_key=row.routing_key,
-                app_id=self._service,
-                correlation_id=row.correlation_id,
-                timestamp=row.created_at,
-                headers=dict(headers),
-            )
+            message = outbox_message(row, app_id=self._service, headers=headers)
             await self._publisher.publish(self._names.exchange, row.routing_key, message)
 
     async def _hold_lease(self, session: AsyncSession) -> bool:
@@ -247,25 +557,84 @@ class OutboxRelay:
         self._lease_until = None
         return False
 
-    async def purge(self) -> int:
-        """Delete rows published before the replay window."""
+    async def _give_up_lease(self, session: AsyncSession) -> None:
+        self._lease_until = None
+        await session.exec(
+            update(OutboxLease)
+            .where(col(OutboxLease.owner) == self._owner)
+            .values(expires_at=utcnow())
+        )
+
+    # -- purge ----------------------------------------------------------------------------
+
+    async def purge(self) -> Purged:
+        """Delete outbox rows published before the replay window and inbox rows older than the
+        inbox retention, ``purge_chunk`` rows per statement (and transaction)."""
         cutoff = utcnow() - timedelta(hours=self._settings.outbox_replay_window_hours)
-        async with self._sessions() as session, session.begin():
-            result = await session.exec(
-                delete(OutboxRow).where(col(OutboxRow.published_at) < cutoff)
-            )
-        self.stats.purged += result.rowcount or 0
-        return int(result.rowcount or 0)
+        outbox = await self._delete_in_chunks(
+            col(OutboxRow.seq), col(OutboxRow.published_at) < cutoff
+        )
+        self.stats.purged += outbox
+        cutoff = utcnow() - timedelta(days=self._settings.inbox_retention_days)
+        inbox = await self._delete_in_chunks(col(InboxRow.key), col(InboxRow.processed_at) < cutoff)
+        self.stats.inbox_purged += inbox
+        if outbox or inbox:
+            log.info("purged %d outbox and %d inbox rows", outbox, inbox)
+        return Purged(outbox, inbox)
+
+    async def _delete_in_chunks(self, key: Any, condition: ColumnElement[bool]) -> int:
+        chunk = self._settings.purge_chunk
+        table = key.table
+        total = 0
+        while True:
+            with self._step("purge"):
+                async with self._sessions() as session, session.begin():
+                    ids = select(key).where(condition).limit(chunk).scalar_subquery()
+                    result = await session.exec(delete(table).where(key.in_(ids)))
+            deleted = int(result.rowcount or 0)
+            total += deleted
+            if deleted < chunk:
+                return total
+            await asyncio.sleep(0)  # let the relay and the service's requests in between
+
+    # -- what metrics and readiness read ---------------------------------------------------
+
+    async def gauges(self) -> RelayGauges:
+        """Rows waiting, the age of the oldest, rows parked, the last publish (one query)."""
+        unparked = col(OutboxRow.parked_at).is_(None)
+        query = select(
+            func.coalesce(func.sum(case((unparked, 1), else_=0)), 0),
+            func.min(case((unparked, col(OutboxRow.created_at)))),
+            func.coalesce(func.sum(case((unparked, 0), else_=1)), 0),
+        ).where(col(OutboxRow.published_at).is_(None))
+        async with self._sessions() as session:
+            waiting, oldest, parked = (await session.exec(query)).one()
+        age = (utcnow() - oldest).total_seconds() if oldest is not None else None
+        return RelayGauges(int(waiting), age, int(parked), self.stats.last_publish_at)
 
     async def pending(self) -> tuple[int, float | None]:
-        """How many rows wait, and the age in seconds of the oldest."""
-        async with self._sessions() as session:
-            count, oldest = (
-                await session.exec(
-                    select(func.count(), func.min(OutboxRow.created_at)).where(
-                        col(OutboxRow.published_at).is_(None)
-                    )
-                )
-            ).one()
-        age = (utcnow() - oldest).total_seconds() if oldest is not None else None
-        return int(count), age
+        """How many rows wait (parked rows excluded), and the age in seconds of the oldest."""
+        gauges = await self.gauges()
+        return gauges.waiting, gauges.oldest_waiting_age
+
+    async def health(self) -> tuple[bool, str | None]:
+        """Not healthy when rows are ready to publish and no batch completed for
+        ``policy.stall_seconds``; the reason says how long and the last error."""
+        stalled = time.monotonic() - self._last_progress
+        if stalled <= self.policy.stall_seconds:
+            return True, None
+        try:
+            async with self._sessions() as session:
+                query = select(func.count()).select_from(OutboxRow).where(*self._ready())
+                ready = int((await session.exec(query)).one())
+        except Exception as exc:
+            return False, (
+                f"outbox relay: no progress for {stalled:.0f} s and the outbox is not readable "
+                f"({type(exc).__name__})"
+            )
+        if not ready:
+            return True, None
+        reason = f"outbox relay: no progress for {stalled:.0f} s with {ready} rows waiting"
+        if self.stats.last_error:
+            reason += f" (last error: {self.stats.last_error[:300]})"
+        return False, reason
