@@ -90,7 +90,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _pids_with_arg(needle: str) -> list[int]:
+def pids_mentioning(needle: str) -> list[int]:
     """Processes whose command line mentions ``needle`` (a path or name unique to one node)."""
     pids = []
     for entry in Path("/proc").iterdir():
@@ -178,9 +178,13 @@ class RabbitNode:
         # Without an explicit config the default listener would claim 5672.
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+            # Queue counts (``queues()``) refresh at this interval; the default is 5 s.
+            "collect_statistics_interval = 500\n"
             "log.console = false\n"
             "log.file.level = info\n"
         )
+        # Quorum queues report their counts on this tick (default 5 s); no schema key for it.
+        (self.base / "advanced.config").write_text("[{rabbit, [{quorum_tick_interval, 500}]}].\n")
         (self.base / "enabled_plugins").write_text("[].\n")
 
     def start(self, timeout: float = 120) -> None:
@@ -196,11 +200,21 @@ class RabbitNode:
             timeout=60,
         )
         deadline = time.monotonic() + timeout
-        _wait(self.pid_file.exists, f"{self.name} pid file", timeout)
+        _wait(self._booting, f"{self.name} pid file", timeout)
         result = self.ctl("wait", "--timeout", str(int(timeout)), str(self.pid_file), check=False)
         if result.returncode != 0:
             raise RuntimeError(f"{self.name} did not start:\n{result.stderr}\n{self.log_tail()}")
         self._await_ready(max(1.0, deadline - time.monotonic()))
+
+    def _booting(self) -> bool:
+        """True once the pid file is written; raises if the node died before that."""
+        if self.pid_file.exists():
+            return True
+        if not pids_mentioning(str(self.base)):
+            time.sleep(1)  # the detached VM may not have exec'd yet
+            if not self.pid_file.exists() and not pids_mentioning(str(self.base)):
+                raise RuntimeError(f"{self.name} exited while booting:\n{self.log_tail()}")
+        return False
 
     def _await_ready(self, timeout: float) -> None:
         _wait(lambda: _port_open(self.port), f"AMQP on {self.port}", timeout)
@@ -261,9 +275,13 @@ class RabbitNode:
         Idempotent and quiet, so it is safe in ``finally`` blocks and teardown.
         """
         pids = [pid for pid in [_read_pid(self.pid_file)] if pid is not None]
-        pids += _pids_with_arg(self.name)  # the beam even if it never wrote its pid file
+        pids += pids_mentioning(str(self.base))  # its VM (by -home) even without a pid file
         pids += [child for pid in pids for child in _children(pid)]
         _kill_all(sorted(set(pids)))
+        # Keep the node's log beside the test's other files for a post-mortem.
+        for log in self.log_dir.glob("*.log"):
+            with contextlib.suppress(OSError):
+                shutil.copy(log, self.base.parent / f"{self.base.name}-{log.name}")
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -284,16 +302,19 @@ class PostgresNode:
         self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
         # Outside ``workdir``: pytest's tmp dirs are root-only, and socket paths must be short.
         self.base = Path(tempfile.mkdtemp(prefix="tributary-pg-"))
-        shutil.chown(self.base, "postgres", "postgres")
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.base, "postgres", "postgres")
         self.data = self.base / "data"
         self.log_file = self.base / "postgres.log"
         self._initialised = False
         self._destroyed = False
 
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run a server program as the ``postgres`` user (the server refuses root)."""
+        """Run a server program, as the ``postgres`` user when we are root (it refuses root)."""
+        prefix = ["runuser", "-u", "postgres", "--"] if self._as_postgres else []
         result = subprocess.run(
-            ["runuser", "-u", "postgres", "--", *args],
+            [*prefix, *args],
             cwd=self.base,
             capture_output=True,
             text=True,
@@ -328,6 +349,8 @@ class PostgresNode:
             raise RuntimeError("PostgresNode was destroyed")
         if not self._initialised:
             self._initdb()
+        if self.postmaster_pid() is not None:
+            return
         pg_ctl = str(self.bin / "pg_ctl")
         self._run(
             pg_ctl, "start", "-D", str(self.data), "-l", str(self.log_file),
@@ -364,7 +387,7 @@ class PostgresNode:
             self.stop()
         except Exception:
             self.kill()
-        pids = _pids_with_arg(str(self.data))
+        pids = pids_mentioning(str(self.data))
         _kill_all([*pids, *(c for p in pids for c in _children(p))])
         with contextlib.suppress(OSError):
             self.workdir.mkdir(parents=True, exist_ok=True)
