@@ -249,7 +249,7 @@ class RabbitNode:
         self.ctl("close_all_connections", "closed by test")
 
     def set_memory_watermark(self, fraction: float) -> None:
-        # Plain decimal notation: the CLI does not parse "1e-06".
+        # Plain decimal notation, never Python's "1e-06".
         text = f"{fraction:.12f}".rstrip("0")
         self.ctl("set_vm_memory_high_watermark", text + ("0" if text.endswith(".") else ""))
 
@@ -274,8 +274,9 @@ class RabbitNode:
 
         Idempotent and quiet, so it is safe in ``finally`` blocks and teardown.
         """
-        pids = [pid for pid in [_read_pid(self.pid_file)] if pid is not None]
-        pids += pids_mentioning(str(self.base))  # its VM (by -home) even without a pid file
+        # The VM names its home (in this node's directory) on its command line, so this finds it
+        # with or without a pid file, and never a recycled pid.
+        pids = pids_mentioning(str(self.base))
         pids += [child for pid in pids for child in _children(pid)]
         _kill_all(sorted(set(pids)))
         # Keep the node's log beside the test's other files for a post-mortem.
