@@ -221,7 +221,7 @@ class Bus:
                 checks["relay"] = (False, "the outbox relay has stopped")
             else:
                 checks["relay"] = (True, None)
-        consumers = [c.health() for c in self.consumers]
+        consumers = [await c.health() for c in self.consumers]
         reasons = [reason for ok, reason in consumers if not ok and reason]
         checks["consumers"] = (not reasons, "; ".join(reasons) or None)
         return checks

@@ -212,16 +212,20 @@ class QueueConsumer:
     @property
     def running(self) -> bool:
         return (
-            self._registered() and self._paused is None and all(not w.done() for w in self._workers)
+            self._tag is not None
+            and self._channel is not None
+            and not self._channel.is_closed
+            and self._paused is None
+            and all(not w.done() for w in self._workers)
         )
 
-    def health(self) -> tuple[bool, str | None]:
+    async def health(self) -> tuple[bool, str | None]:
         """Ready, or why not: paused by an outage, not subscribed, or stuck on a batch."""
         if self._paused is not None:
             return False, f"paused: {self._paused}"
         if any(w.done() for w in self._workers):
             return False, f"{self.queues.work}: a worker has stopped"
-        if not self._registered():
+        if not await self._registered():
             return False, f"{self.queues.work}: no consumer registered with the broker"
         limit = self._settings.handler_timeout_seconds + _STALL_SECONDS
         if self._busy_since is not None and time.monotonic() - self._busy_since > limit:
@@ -288,15 +292,15 @@ class QueueConsumer:
             except Exception as exc:  # channel already gone: the broker forgot it too
                 log.debug("cancel on %s failed: %s", self.queues.work, exc)
 
-    def _registered(self) -> bool:
+    async def _registered(self) -> bool:
         """Our consumer tag is live on an open channel."""
         if self._tag is None or self._channel is None or self._channel.is_closed:
             return False
         try:
-            underlying = self._channel.channel  # type: ignore[attr-defined]
+            underlying = await self._channel.get_underlay_channel()
         except Exception:  # reconnecting
             return False
-        return self._tag in underlying.consumers
+        return self._tag in getattr(underlying, "consumers", {})
 
     async def _watchdog(self) -> None:
         """Re-register a subscription the broker dropped (a cancel, a closed channel).
@@ -313,7 +317,7 @@ class QueueConsumer:
                 self._suspect = False
                 continue
             checks += 1
-            lost = not self._registered()
+            lost = not await self._registered()
             if not lost and checks % 6 == 0:
                 lost = await self._broker_sees_no_consumer()
             if lost and self._suspect and self._channel is not None:
