@@ -12,6 +12,9 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ChannelPreconditionFailed
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tributary.contracts.envelope import CloudEvent
@@ -20,6 +23,7 @@ from tributary.messaging.bus import Bus
 from tributary.messaging.db import create_engine, create_runtime_tables
 from tributary.messaging.errors import TopologyMismatch
 from tributary.messaging.testing import isolated_settings, queue_depth, read_queue, started_bus
+from tributary.messaging.topology import _mismatch, migrating
 from tributary.messaging.uow import UnitOfWork
 from tributary.testkit.infra import Found
 
@@ -212,6 +216,37 @@ async def test_an_instance_with_another_delivery_limit_fails_to_start_naming_que
     message = str(mismatch.value)
     assert queues_of(running).work in message
     assert "x-delivery-limit" in message
+    assert "it has 5, this service declares 7" in message
+    # the supported way to change it, not "delete the queue"
+    assert "eventctl queue migrate billing" in message
+
+
+async def test_a_service_does_not_start_while_a_migration_of_its_queues_is_unfinished(
+    broker_url: str, sqlite_engines: EngineFactory
+) -> None:
+    settings = isolated_settings(broker_url)
+    bus = Bus(
+        "billing",
+        await sqlite_engines("billing"),
+        handlers={UserCreatedV2: ignore},
+        settings=settings,
+    )
+    holding = migrating(bus.names.service_queues("billing", 0).work)
+    connection = await aio_pika.connect(broker_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(holding, durable=True, arguments={"x-queue-type": "quorum"})
+        try:
+            with pytest.raises(TopologyMismatch, match="eventctl queue migrate billing"):
+                await bus.start()
+        finally:
+            await bus.stop()
+            await channel.queue_delete(holding)
+        # once the migration is over, it starts
+        async with started_bus(bus, consume=False):
+            assert bus.connected
+    finally:
+        await connection.close()
 
 
 async def test_a_retried_event_comes_back_only_to_the_service_that_failed(
@@ -257,3 +292,30 @@ async def test_a_retried_event_comes_back_only_to_the_service_that_failed(
     assert [r.outcome for r in flaky_outcomes.of(event["id"])] == ["retried", "processed"]
     assert [r.outcome for r in steady_outcomes.of(event["id"])] == ["processed"]
     assert steady_calls == [event["id"], sentinel["id"]]
+
+
+@pytest.mark.parametrize(
+    ("received", "current", "shown"),
+    [
+        ("'7'", "'5'", "it has 5, this service declares 7"),
+        ("none", "the value '5' of type 'byte'", "it has 5, this service declares none"),
+        ("the value '200' of type 'short'", "none", "it has none, this service declares 200"),
+    ],
+)
+def test_a_mismatch_names_both_values_in_each_way_the_broker_words_them(
+    received: str, current: str, shown: str
+) -> None:
+    error = ChannelPreconditionFailed(
+        "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'a.retry.1' in "
+        f"vhost '/': received {received} but current is {current}"
+    )
+    message = str(_mismatch(error, "queue", "a.retry.1", "a"))
+    assert shown in message
+    assert "'x-message-ttl'" in message
+    assert "eventctl queue migrate a" in message
+
+
+@given(st.text(max_size=300))
+def test_any_refusal_text_becomes_a_mismatch_naming_the_queue(text: str) -> None:
+    message = str(_mismatch(ChannelPreconditionFailed(text), "queue", "q.events", "q"))
+    assert "q.events" in message

@@ -1,7 +1,7 @@
 """``eventctl``: the operator CLI.
 
 Commands are grouped (``eventctl <group> <command>``): ``contracts check``, ``dlq list``,
-``dlq replay``, ``dlq archive`` and ``replay outbox``.
+``dlq replay``, ``dlq archive``, ``replay outbox``, ``queue show`` and ``queue migrate``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tributary.contracts.compat import (
     materialize_ref,
 )
 from tributary.eventctl.commands import add_dlq_commands, add_replay_commands
+from tributary.eventctl.queue_commands import add_queue_commands
 
 Handler = Callable[[argparse.Namespace], int | Coroutine[Any, Any, int]]
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_contracts(groups)
     add_dlq_commands(groups)
     add_replay_commands(groups)
+    add_queue_commands(groups)
     return parser
 
 

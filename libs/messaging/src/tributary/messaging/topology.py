@@ -1,4 +1,10 @@
-"""Exchange and queue names (fixed, see the README) and their idempotent declaration."""
+"""Exchange and queue names (fixed, see the README) and their idempotent declaration.
+
+Queue arguments are fixed when a queue is created; RabbitMQ refuses a later declaration with
+other values (:class:`TopologyMismatch`). Changing the delivery limit or the retry tiers
+therefore goes through ``eventctl queue migrate``, which moves a stopped service's messages to
+queues declared with the new arguments (see :func:`queue_arguments`).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,13 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
-from aiormq.exceptions import ChannelPreconditionFailed
+from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from tributary.messaging.errors import TopologyMismatch
 
 QUORUM = {"x-queue-type": "quorum"}
+MIGRATING_SUFFIX = ".migrating"
+"""``<queue>.migrating`` holds a queue's messages while ``eventctl queue migrate`` replaces it."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,21 @@ def work_queue_arguments(qs: QueueSet, names: Names, delivery_limit: int) -> dic
     }
 
 
+def migrating(queue: str) -> str:
+    """The holding queue of ``queue`` during a migration; it exists only while one runs."""
+    return f"{queue}{MIGRATING_SUFFIX}"
+
+
+def queue_arguments(
+    names: Names, qs: QueueSet, *, tier_seconds: tuple[float, ...], delivery_limit: int
+) -> dict[str, dict[str, Any]]:
+    """Arguments of ``qs``'s work queue and retry tiers, by queue name (the DLQ has none)."""
+    declared = {qs.work: work_queue_arguments(qs, names, delivery_limit)}
+    for queue, ttl in zip(qs.retries, tier_seconds, strict=True):
+        declared[queue] = retry_queue_arguments(qs, ttl)
+    return declared
+
+
 def retry_queue_arguments(qs: QueueSet, ttl_seconds: float) -> dict[str, Any]:
     return {
         **QUORUM,
@@ -86,15 +109,34 @@ def retry_queue_arguments(qs: QueueSet, ttl_seconds: float) -> dict[str, Any]:
 
 
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for (queue|exchange) '([^']+)'")
+_VALUES = re.compile(r"received (.+?) but current is (.+?)\s*$")
+_VALUE = re.compile(r"(?:the value )?'(.*?)'(?: of type '[^']*')?")
 
 
-def _mismatch(exc: ChannelPreconditionFailed, kind: str, name: str) -> TopologyMismatch:
+def _shown(value: str) -> str:
+    """``'5'`` or ``the value '5' of type 'byte'`` as ``5``; ``none`` as ``none``."""
+    return m.group(1) if (m := _VALUE.fullmatch(value.strip())) else value.strip()
+
+
+def _mismatch(
+    exc: ChannelPreconditionFailed, kind: str, name: str, owner: str | None = None
+) -> TopologyMismatch:
     text = str(exc)
     if m := _INEQUIVALENT.search(text):
         arg, kind, name = m.groups()
+        values = ""
+        if v := _VALUES.search(text):
+            values = f" (it has {_shown(v.group(2))}, this service declares {_shown(v.group(1))})"
+        fix = "delete it or align the settings"
+        if kind == "queue" and owner is not None:
+            # the supported path: no message is lost, nothing is deleted by hand
+            fix = (
+                f"to change it, stop every consumer of {owner!r} and run "
+                f"'eventctl queue migrate {owner}' with the new settings, or align the settings"
+            )
         return TopologyMismatch(
-            f"{kind} {name!r} exists with a different {arg!r} than this service declares "
-            f"({text}); delete it or align the settings"
+            f"{kind} {name!r} exists with a different {arg!r} than this service declares"
+            f"{values}; {fix}"
         )
     return TopologyMismatch(f"{kind} {name!r} exists with other properties: {text}")
 
@@ -117,11 +159,24 @@ class Declarer:
         except ChannelPreconditionFailed as exc:
             raise _mismatch(exc, "exchange", name) from None
 
-    async def queue(self, name: str, arguments: dict[str, Any]) -> AbstractQueue:
+    async def queue(
+        self, name: str, arguments: dict[str, Any], *, owner: str | None = None
+    ) -> AbstractQueue:
+        """Declare ``name``; a mismatch names ``owner``'s migration (a service or command)."""
         try:
             return await (await self._chan()).declare_queue(name, durable=True, arguments=arguments)
         except ChannelPreconditionFailed as exc:
-            raise _mismatch(exc, "queue", name) from None
+            raise _mismatch(exc, "queue", name, owner) from None
+
+    async def exists(self, name: str) -> bool:
+        channel = await self._chan()
+        try:
+            await channel.declare_queue(name, passive=True)
+        except ChannelNotFoundEntity:
+            # the broker closed the channel; a robust one would reopen itself and stay open
+            await channel.close()
+            return False
+        return True
 
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
@@ -146,17 +201,29 @@ async def declare_queue_set(
     tier_seconds: tuple[float, ...],
     delivery_limit: int,
 ) -> None:
-    """Declare (idempotently) the exchanges, ``qs``'s queues and their bindings."""
+    """Declare (idempotently) the exchanges, ``qs``'s queues and their bindings.
+
+    Refuses to start on a queue set whose migration is unfinished: the holding queue would keep
+    messages (and copies of new events) that no consumer reads.
+    """
     declarer = Declarer(connection)
     try:
+        if await declarer.exists(migrating(qs.work)):
+            raise TopologyMismatch(
+                f"queue {qs.work!r} is being migrated ({migrating(qs.work)!r} exists); finish it "
+                f"with 'eventctl queue migrate {qs.consumer}' before starting {qs.consumer!r}"
+            )
         events = await declarer.exchange(names.exchange, aio_pika.ExchangeType.TOPIC)
         dlx = await declarer.exchange(names.dlx, aio_pika.ExchangeType.DIRECT)
         dlq = await declarer.queue(qs.dlq, dict(QUORUM))
         await dlq.bind(dlx, routing_key=qs.dlq)
-        work = await declarer.queue(qs.work, work_queue_arguments(qs, names, delivery_limit))
+        declared = queue_arguments(
+            names, qs, tier_seconds=tier_seconds, delivery_limit=delivery_limit
+        )
+        work = await declarer.queue(qs.work, declared.pop(qs.work), owner=qs.consumer)
         for key in sorted(set(binding_keys)):
             await work.bind(events, routing_key=key)
-        for queue, ttl in zip(qs.retries, tier_seconds, strict=True):
-            await declarer.queue(queue, retry_queue_arguments(qs, ttl))
+        for queue, arguments in declared.items():
+            await declarer.queue(queue, arguments, owner=qs.consumer)
     finally:
         await declarer.close()
