@@ -22,10 +22,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tributary.contracts.events import UserCreatedV2
-from tributary.eventctl.admin import ManagementApi, Rabbitmqctl
+from tributary.eventctl.admin import ManagementApi, QueueInfo, Rabbitmqctl
 from tributary.eventctl.broker import queues_for
 from tributary.eventctl.cli import main_async
-from tributary.eventctl.migrate import Migration, Target, migrate
+from tributary.eventctl.migrate import Migration, MigrationBlocked, Target, migrate, plan
 from tributary.messaging import headers
 from tributary.messaging.bus import Bus
 from tributary.messaging.db import create_engine, create_runtime_tables
@@ -410,3 +410,52 @@ async def test_show_reads_the_same_arguments_through_rabbitmqctl_and_http(
     keys = {(b.exchange, b.routing_key) for b in await rabbitmqctl.bindings(qs.work)}
     assert keys == {(f"{old.name_prefix}tributary.events", "user.created.*")}
     assert keys == {(b.exchange, b.routing_key) for b in await http.bindings(qs.work)}
+
+
+# -- the plan, from what the broker reports (no broker needed) -------------------------------
+
+
+def _info(name: str, arguments: dict[str, Any], consumers: int = 0) -> QueueInfo:
+    return QueueInfo(name, arguments, messages=0, consumers=consumers, policy="")
+
+
+def _broker_with(target: Target, **changed: dict[str, Any]) -> dict[str, QueueInfo]:
+    """The queues ``target`` wants, as if declared, with ``changed`` arguments merged in."""
+    return {
+        name: _info(name, {**arguments, **changed.get(name, {})})
+        for name, arguments in target.arguments.items()
+    }
+
+
+def test_a_command_queue_with_one_tier_less_removes_only_that_tier() -> None:
+    names = Names("p.")
+    target = Target.of(
+        names, queues_for("email.send", "p."), delivery_limit=10, tier_seconds=(1.0, 10.0)
+    )
+    assert target.queues.work == "p.email.send"
+    assert target.queues.retries == ("p.email.send.retry.1", "p.email.send.retry.2")
+    broker = _broker_with(target)
+    broker["p.email.send.retry.3"] = _info("p.email.send.retry.3", {"x-message-ttl": 60000})
+    p = plan(target, broker)
+    assert (p.replace_work, p.replace_retries, p.create_retries) == (False, [], [])
+    assert p.remove_retries == ["p.email.send.retry.3"]
+    assert p.park == ["p.email.send.retry.3"]  # the others keep flowing
+
+
+def test_a_changed_work_queue_parks_every_tier_and_nothing_to_do_is_nothing() -> None:
+    target = Target.of(
+        Names(""), queues_for("audit", ""), delivery_limit=3, tier_seconds=(1.0, 10.0)
+    )
+    assert not plan(target, _broker_with(target)).needed
+    p = plan(target, _broker_with(target, **{"audit.events": {"x-delivery-limit": 10}}))
+    assert p.replace_work
+    assert p.park == ["audit.retry.1", "audit.retry.2"]
+    assert p.differences == ["audit.events: x-delivery-limit 10 -> 3"]
+
+
+def test_the_plan_refuses_while_a_consumer_is_attached() -> None:
+    target = Target.of(Names(""), queues_for("audit", ""), delivery_limit=3, tier_seconds=(1.0,))
+    broker = _broker_with(target)
+    broker["audit.events"] = _info("audit.events", target.arguments["audit.events"], consumers=2)
+    with pytest.raises(MigrationBlocked, match=r"audit.events \(2\)"):
+        plan(target, broker)
