@@ -1,6 +1,9 @@
+from typing import Any
+
 import pytest
 
-from tributary.contracts.upcasting import NoUpcastPath, has_upcaster, upcast
+from tributary.contracts import upcasting
+from tributary.contracts.upcasting import NoUpcastPath, UpcastFailed, has_upcaster, upcast
 from tributary.contracts.validation import validate
 
 
@@ -41,3 +44,45 @@ def test_a_missing_step_is_reported() -> None:
 def test_any_whitespace_separates_given_and_family_name() -> None:
     v2 = upcast("user.created", 1, {"name": "Ada\tLovelace"}, 2)
     assert (v2["given_name"], v2["family_name"]) == ("Ada", "Lovelace")
+
+
+class _OddError(Exception):
+    """Nothing expects this type."""
+
+
+@pytest.mark.parametrize("raised", [KeyError, ValueError, TypeError, RecursionError, _OddError])
+def test_an_upcaster_that_raises_is_an_upcast_failure_not_a_missing_path(
+    monkeypatch: pytest.MonkeyPatch, raised: type[Exception]
+) -> None:
+    def broken(data: dict[str, Any]) -> dict[str, Any]:
+        raise raised("bug in the upcaster")
+
+    monkeypatch.setitem(upcasting._UPCASTERS, ("test.probe", 1), broken)
+    with pytest.raises(UpcastFailed, match=f"test.probe v1 to v2 raised {raised.__name__}") as err:
+        upcast("test.probe", 1, {"a": 1}, 2)
+    assert isinstance(err.value.__cause__, raised)
+    assert not isinstance(err.value, NoUpcastPath)
+
+
+def test_an_upcaster_that_returns_no_object_is_an_upcast_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(upcasting._UPCASTERS, ("test.probe", 1), lambda data: [data])
+    with pytest.raises(UpcastFailed, match="returned list"):
+        upcast("test.probe", 1, {"a": 1}, 2)
+
+
+def test_an_interrupt_inside_an_upcaster_is_not_a_message_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(data: dict[str, Any]) -> dict[str, Any]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(upcasting._UPCASTERS, ("test.probe", 1), interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        upcast("test.probe", 1, {}, 2)
+
+
+def test_a_v1_user_created_without_a_name_is_an_upcast_failure() -> None:
+    with pytest.raises(UpcastFailed, match="raised KeyError"):
+        upcast("user.created", 1, {"email": "ada@example.com"}, 2)

@@ -4,6 +4,8 @@ import pytest
 
 from tributary.contracts.validation import SchemaViolation, validate
 
+from .samples import sample
+
 
 def _user_created(**overrides: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
@@ -61,3 +63,93 @@ def test_errors_do_not_echo_the_offending_value() -> None:
 def test_an_unknown_type_is_a_violation() -> None:
     with pytest.raises(SchemaViolation, match="unknown event type"):
         validate("user.deleted.v1", {}, "tolerant")
+
+
+def _mixed_keys(data: dict[str, Any], extra: dict[Any, Any]) -> dict[Any, Any]:
+    """``data`` with keys JSON never has (a producer's bug: ints beside strings)."""
+    mixed: dict[Any, Any] = dict(data)
+    mixed.update(extra)
+    return mixed
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("routing_key", "data", "rule"),
+    [
+        # jsonschema's error messages repr() the value: too deep for repr, too long for str(int)
+        pytest.param(
+            "email.send.v1",
+            sample("email.send.v1", variables={"k": _nested(50_000)}),
+            "unvalidatable",
+            id="deep-nesting-in-a-value",
+        ),
+        pytest.param("email.send.v1", [_nested(50_000)], "unvalidatable", id="deep-nesting"),
+        pytest.param(
+            "email.send.v1",
+            sample("email.send.v1", user_id=10**5000),
+            "unvalidatable",
+            id="int-too-long-to-print",
+        ),
+        pytest.param(
+            "email.send.v1",
+            sample("email.send.v1", variables={1: "x", "a": 2}),
+            "type",
+            id="non-string-key",
+        ),
+        pytest.param(
+            "email.send.v1",
+            _mixed_keys(sample("email.send.v1"), {1: "x", "nickname": "y"}),
+            "additionalProperties",
+            id="mixed-unknown-keys",
+        ),
+        pytest.param(
+            "email.send.v1",
+            sample("email.send.v1", subject="s" * 1_000_000),
+            "maxLength",
+            id="huge-string",
+        ),
+        pytest.param(
+            "report.ready.v1",
+            sample("report.ready.v1", url="http://" + "a" * 1_000_000),
+            "maxLength",
+            id="huge-uri",
+        ),
+        pytest.param(
+            "email.send.v1",
+            sample("email.send.v1", request_id="{" + "0" * 32 + "}"),
+            "format",
+            id="uuid-in-braces",
+        ),
+        pytest.param(
+            "email.sent.v1",
+            sample("email.sent.v1", message_id="<" + "a@" * 100 + ">"),
+            "pattern",
+            id="pattern-backtracking",
+        ),
+    ],
+)
+def test_any_data_is_a_violation_never_another_error(
+    routing_key: str, data: Any, rule: str
+) -> None:
+    with pytest.raises(SchemaViolation) as err:
+        validate(routing_key, data, "strict")
+    assert err.value.rule == rule
+
+
+def test_a_type_error_does_not_echo_the_value() -> None:
+    with pytest.raises(SchemaViolation) as err:
+        validate("user.created.v1", _user_created(name=["Augusta", "Ada"]), "tolerant")
+    assert (err.value.field, err.value.rule) == ("data.name", "type")
+    assert "Augusta" not in str(err.value)
+
+
+@pytest.mark.parametrize("routing_key", ["user.created.v²", "user.created.v٢", "user.created.v02"])
+def test_a_version_in_other_digits_is_an_unknown_type(routing_key: str) -> None:
+    with pytest.raises(SchemaViolation, match="not a versioned routing key"):
+        validate(routing_key, _user_created(), "tolerant")

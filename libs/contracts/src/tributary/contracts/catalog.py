@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -14,6 +15,7 @@ import yaml
 
 NAMESPACE = "com.tributary"
 _ENV_DIR = "TRIBUTARY_CONTRACTS_DIR"
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 
 class CatalogError(Exception):
@@ -77,13 +79,17 @@ class Catalog:
     def type(self, name: str) -> TypeSpec:
         try:
             return self.types[name]
-        except KeyError:
-            raise CatalogError(f"unknown event type {name!r}") from None
+        except (KeyError, TypeError):  # TypeError: not even hashable
+            raise CatalogError(f"unknown event type {repr(name)[:200]}") from None
 
     def by_routing_key(self, routing_key: str) -> VersionSpec:
+        """``user.created.v2`` → its spec; :class:`CatalogError` for anything else."""
+        if not isinstance(routing_key, str):
+            raise CatalogError(f"a routing key is a string, not {type(routing_key).__name__}")
         name, _, version = routing_key.rpartition(".v")
-        if not name or not version.isdigit():
-            raise CatalogError(f"not a versioned routing key: {routing_key!r}")
+        # ASCII digits only, no leading zero: "v²" and "v٢" pass str.isdigit() but are no version
+        if not name or not _VERSION.fullmatch(version):
+            raise CatalogError(f"not a versioned routing key: {routing_key[:200]!r}")
         spec = self.type(name)
         try:
             return spec.versions[int(version)]
@@ -91,9 +97,10 @@ class Catalog:
             raise CatalogError(f"unknown version {version} of {name!r}") from None
 
     def by_ce_type(self, ce_type: str) -> VersionSpec:
+        """``com.tributary.user.created.v2`` → its spec; :class:`CatalogError` for anything else."""
         prefix = NAMESPACE + "."
-        if not ce_type.startswith(prefix):
-            raise CatalogError(f"type {ce_type!r} is not in the {NAMESPACE} namespace")
+        if not isinstance(ce_type, str) or not ce_type.startswith(prefix):
+            raise CatalogError(f"type {repr(ce_type)[:200]} is not in the {NAMESPACE} namespace")
         return self.by_routing_key(ce_type[len(prefix) :])
 
 

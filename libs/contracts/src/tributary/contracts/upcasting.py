@@ -49,6 +49,10 @@ def upcast(type_name: str, version: int, data: dict[str, Any], to_version: int) 
             raise UpcastFailed(
                 f"upcaster {type_name} v{step} to v{step + 1} raised {type(exc).__name__}"
             ) from exc
+        if not isinstance(data, dict):  # the next step, or the payload model, needs an object
+            raise UpcastFailed(
+                f"upcaster {type_name} v{step} to v{step + 1} returned {type(data).__name__}"
+            )
     return data
 
 

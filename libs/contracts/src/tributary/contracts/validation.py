@@ -60,23 +60,36 @@ def _describe(error: _JsonSchemaError) -> tuple[str, str]:
     elif error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
         schema = error.schema if isinstance(error.schema, Mapping) else {}
         allowed = set(schema.get("properties", {}))
-        extra = sorted(k for k in error.instance if k not in allowed)
+        extra = sorted(str(k) for k in error.instance if k not in allowed)
         if extra:
-            path.append(extra[0])
+            path.append(extra[0][:100])
             detail = "is not allowed (unknown property)"
-    elif error.validator in {"format", "pattern", "enum", "maxLength", "minLength"}:
+    elif error.validator == "type":
+        detail = f"is not of type {error.validator_value!r}"
+    else:
         # Say which rule failed without echoing the value (it may be PII).
-        detail = f"violates {error.validator} {error.validator_value!r}"
+        detail = f"violates {error.validator} {error.validator_value!r}"[:500]
     return ".".join(path), detail
 
 
 def validate(routing_key: str, data: Any, mode: Mode = "strict") -> None:
-    """Raise :class:`SchemaViolation` (first error, by path) when ``data`` breaks its schema."""
+    """Raise :class:`SchemaViolation` (first error, by path) when ``data`` breaks its schema.
+
+    Whatever ``data`` holds, nothing else is raised: data too deep or too odd to evaluate
+    (jsonschema's messages ``repr`` the value) is a violation of rule ``unvalidatable``.
+    """
     try:
         validator = validator_for(routing_key, mode)
     except CatalogError as exc:
-        raise SchemaViolation(routing_key, "type", "catalog", str(exc)) from None
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
+        raise SchemaViolation(str(routing_key), "type", "catalog", str(exc)) from None
+    try:
+        errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+        if not errors:
+            return
         field, detail = _describe(errors[0])
-        raise SchemaViolation(routing_key, field, str(errors[0].validator), detail)
+    except (RecursionError, TypeError, ValueError) as exc:
+        # RecursionError: nested deeper than repr() goes; ValueError: an int too long to print
+        raise SchemaViolation(
+            routing_key, "data", "unvalidatable", f"cannot be evaluated ({type(exc).__name__})"
+        ) from None
+    raise SchemaViolation(routing_key, field, str(errors[0].validator), detail)
