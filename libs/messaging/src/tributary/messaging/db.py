@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -112,14 +114,38 @@ RUNTIME_TABLES = [
 ]
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL + NORMAL: durable across a process crash (not across power loss); see the README
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+SQLITE_SYNCHRONOUS_ENV = "TRIBUTARY_SQLITE_SYNCHRONOUS"
+SQLITE_SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def sqlite_synchronous(level: str | None = None) -> str:
+    """``PRAGMA synchronous``: ``level``, else ``$TRIBUTARY_SQLITE_SYNCHRONOUS``, else FULL.
+
+    The consumer acks a message after its transaction commits, so the commit must be on disk:
+    with WAL, FULL syncs the log at every commit and survives power loss and OS crashes;
+    NORMAL syncs only at checkpoints, so the last commits before a power loss can vanish after
+    their messages were acked (a process crash loses nothing with either). Group commit spreads
+    the sync over a batch; ``bench/sqlite_sync_bench.py`` measures the difference.
+    """
+    chosen = (level or os.environ.get(SQLITE_SYNCHRONOUS_ENV) or "FULL").strip().upper()
+    if chosen not in SQLITE_SYNCHRONOUS_LEVELS:
+        raise ValueError(
+            f"{SQLITE_SYNCHRONOUS_ENV}={chosen!r}: expected one of "
+            f"{', '.join(SQLITE_SYNCHRONOUS_LEVELS)}"
+        )
+    return chosen
+
+
+def _sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")  # one of the checked levels
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return on_connect
 
 
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
@@ -128,8 +154,9 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        pragmas = _sqlite_pragmas(sqlite_synchronous())
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", pragmas)
         return engine
     if "poolclass" not in kwargs:  # a NullPool (migrations) takes no sizing arguments
         kwargs.setdefault("pool_size", 10)
