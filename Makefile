@@ -48,3 +48,4 @@ compose-check: sync  ## validate docker-compose.yml with the real Compose v2 (no
 bench: sync  ## benchmarks (not tests: figures and ratios, recorded in bench/RESULTS.md)
 	$(UV) run --frozen --group bench python -m bench.messaging_bench
 	$(UV) run --frozen --group bench python -m bench.signup_bench
+	$(UV) run --frozen --group bench python -m bench.sqlite_sync_bench
