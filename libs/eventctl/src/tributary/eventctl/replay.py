@@ -107,7 +107,11 @@ async def replay_outbox(
     batch: int,
     dry_run: bool,
 ) -> Counts:
-    """Publish the selected published rows, in commit order, to the queue ``target``."""
+    """Publish the selected published rows to the queue ``target``.
+
+    Rows are read in commit order, but each batch's publishes are confirmed concurrently and
+    the consumer batches and retries: the target gets no ordering guarantee.
+    """
     await require_queue(connection, target)
     counts = Counts(duplicate=None)
     sessions = session_factory(engine)
