@@ -6,7 +6,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 
-.PHONY: help sync test lint fmt contracts dev demo demo-down compose-check bench
+.PHONY: help sync test lint fmt contracts dev demo demo-down compose-check bench chaos
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -49,3 +49,9 @@ bench: sync  ## benchmarks (not tests: figures and ratios, recorded in bench/RES
 	$(UV) run --frozen --group bench python -m bench.messaging_bench
 	$(UV) run --frozen --group bench python -m bench.signup_bench
 	$(UV) run --frozen --group bench python -m bench.sqlite_sync_bench
+
+# make chaos SEED=42 DB=sqlite SIGNUPS=1000 FAULTS=8 KINDS=kill,smtp_pause PROFILE=quick
+chaos: sync  ## chaos soak: 5,000 sign-ups under seeded faults, then every invariant checked
+	$(RUN) python -m tests.chaos --profile $(or $(PROFILE),soak) --database $(or $(DB),both) \
+		$(if $(SIGNUPS),--signups $(SIGNUPS)) $(if $(FAULTS),--faults $(FAULTS)) \
+		$(if $(KINDS),--kinds $(KINDS)) $(if $(SEED),--seed $(SEED))
