@@ -86,10 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             say(f"interrupted; everything started was stopped. Re-run: {config.rerun()}")
             return 130
-        report = outcome.report()
-        print(report, flush=True)
-        if workdir.exists():
-            (workdir / "report.txt").write_text(report + "\n")
+        print(outcome.report(), flush=True)
         failed |= not outcome.ok
         if outcome.ok and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

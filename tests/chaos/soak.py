@@ -4,6 +4,7 @@ quiescence, check the invariants, report; everything is removed again whatever h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -138,6 +139,8 @@ def run(config: Config, say: Say) -> Outcome:
             outcome.log_excerpts = log_excerpts(env.stack)
         env.close()
         outcome.seconds = time.monotonic() - started
+        with contextlib.suppress(OSError):
+            (config.workdir / "report.txt").write_text(outcome.report() + "\n")
     return outcome
 
 
