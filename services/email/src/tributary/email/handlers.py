@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime
 
+from sqlalchemy import or_, update
 from sqlmodel import col, select
 
 from tributary.contracts.envelope import Event
@@ -51,7 +52,7 @@ from tributary.email.models import EmailRecord, Recipient, email_id_for, message
 from tributary.email.templates import render
 from tributary.messaging import context
 from tributary.messaging.bus import Handlers
-from tributary.messaging.db import now
+from tributary.messaging.db import as_utc, now
 from tributary.messaging.uow import UnitOfWork
 
 log = logging.getLogger("tributary.email")
@@ -164,29 +165,28 @@ async def deliver(mail: Outgoing, uow: UnitOfWork, delivery: Delivery) -> None:
     log.info("%s email %s sent", mail.template, record.id)
 
 
-async def remember_recipient(user: UserCreatedV2, uow: UnitOfWork) -> None:
+async def remember_recipient(user: UserCreatedV2, uow: UnitOfWork) -> Recipient:
     """Keep the address of ``user``: later events about the user carry only its id."""
     recipient = await uow.session.get(Recipient, user.user_id)
     if recipient is None:
-        uow.session.add(
-            Recipient(
-                user_id=user.user_id,
-                email=user.email,
-                given_name=user.given_name,
-                locale=user.locale,
-            )
+        recipient = Recipient(
+            user_id=user.user_id,
+            email=user.email,
+            given_name=user.given_name,
+            locale=user.locale,
         )
-        return
-    # an older fact must not undo a newer one (user.email_changed): only fill what is missing
+        uow.session.add(recipient)
+    # else an older fact must not undo a newer one (user.email_changed): keep what is there
+    return recipient
 
 
 async def on_user_created(event: Event[UserCreatedV2], uow: UnitOfWork, delivery: Delivery) -> None:
     user = event.data
-    await remember_recipient(user, uow)  # a projection, rebuilt on replay too
+    recipient = await remember_recipient(user, uow)  # a projection, rebuilt on replay too
     text = render("welcome", user.locale, {"given_name": user.given_name})
     mail = Outgoing(
         logical_key=f"welcome:{user.user_id}",
-        to=user.email,
+        to=recipient.email,  # the address changed since, if a forced replay sends it late
         template="welcome",
         subject=text.subject,
         body=text.body,
@@ -244,15 +244,33 @@ async def on_email_send(event: Event[EmailSendV1], uow: UnitOfWork, delivery: De
 
 
 async def on_user_email_changed(event: Event[UserEmailChangedV1], uow: UnitOfWork) -> None:
+    """Apply an address change unless the recipient shows a later one already.
+
+    Changes of one user arrive in any order (the relay publishes concurrently, retries and
+    replays reorder), so the row keeps the ``changed_at`` of the change it shows and only a
+    strictly later change replaces it; an equal one is a redelivery and changes nothing.
+    """
     change = event.data
-    recipient = await uow.session.get(Recipient, change.user_id)
-    if recipient is None:
+    # existence first: a row created after a conditional UPDATE missed it would read as stale
+    if await uow.session.get(Recipient, change.user_id) is None:
         raise RecipientNotYetKnown(
             f"address change for user {change.user_id} before its user.created was handled"
         )
-    recipient.email = change.new_email
-    recipient.updated_at = now()
-    uow.session.add(recipient)
+    changed_at = as_utc(change.changed_at)
+    shown = col(Recipient.email_changed_at)
+    # one conditional statement, not read-compare-write: of two changes applied at once, the
+    # older cannot win (PostgreSQL re-checks the condition on the row once it holds the lock)
+    applied = await uow.session.exec(
+        update(Recipient)
+        .where(col(Recipient.user_id) == change.user_id)
+        .where(or_(shown.is_(None), shown < changed_at))
+        .values(email=change.new_email, email_changed_at=changed_at, updated_at=now())
+        .execution_options(synchronize_session="fetch")
+    )
+    if not applied.rowcount:
+        log.info(
+            "address change for user %s is not newer than the one kept: ignored", change.user_id
+        )
 
 
 def event_handlers(delivery: Delivery) -> Handlers:

@@ -5,7 +5,7 @@ from datetime import datetime
 
 from sqlmodel import Field, SQLModel
 
-from tributary.messaging.db import now
+from tributary.messaging.db import UtcDateTime, now
 
 MESSAGE_ID_DOMAIN = "tributary.dev"
 
@@ -61,3 +61,6 @@ class Recipient(SQLModel, table=True):
     given_name: str = Field(max_length=200)
     locale: str = Field(max_length=10)
     updated_at: datetime = Field(default_factory=now)
+    email_changed_at: datetime | None = Field(default=None, sa_type=UtcDateTime, nullable=True)
+    """``changed_at`` of the user.email_changed that ``email`` comes from (none: from
+    user.created); an address change not later than this is older news and is ignored."""
