@@ -118,7 +118,11 @@ class Bus:
                 tier_seconds=self.settings.retry_tiers,
                 delivery_limit=self.settings.delivery_limit,
             )
-        self.publisher = Publisher(self._publishing, in_flight=self.settings.publish_in_flight)
+        self.publisher = Publisher(
+            self._publishing,
+            in_flight=self.settings.publish_in_flight,
+            timeout=self.settings.publish_timeout_seconds,
+        )
         await self.publisher.open()
         self.relay = OutboxRelay(
             self.engine,
@@ -127,7 +131,8 @@ class Bus:
             names=self.names,
             settings=self.settings,
         )
-        self._relay_task = asyncio.create_task(self.relay.run(), name=f"{self.service}-relay")
+        # supervised: a relay loop that ends for any reason is restarted
+        self._relay_task = asyncio.create_task(self.relay.supervise(), name=f"{self.service}-relay")
         if consume:
             for qs, subs in queue_sets:
                 consumer = QueueConsumer(
@@ -214,13 +219,10 @@ class Bus:
         else:
             checks["broker"] = (True, None)
         if self.relay is not None:
-            relay_health = getattr(self.relay, "health", None)
-            if relay_health is not None:
-                checks["relay"] = await relay_health()
-            elif self._relay_task is not None and self._relay_task.done():
+            if self._relay_task is not None and self._relay_task.done():
                 checks["relay"] = (False, "the outbox relay has stopped")
             else:
-                checks["relay"] = (True, None)
+                checks["relay"] = await self.relay.health()
         consumers = [await c.health() for c in self.consumers]
         reasons = [reason for ok, reason in consumers if not ok and reason]
         checks["consumers"] = (not reasons, "; ".join(reasons) or None)
