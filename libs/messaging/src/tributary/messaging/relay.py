@@ -30,6 +30,7 @@ import aio_pika
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from sqlalchemy import ColumnElement, case, delete, func, or_, update
+from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -164,7 +165,10 @@ def _is_outage(result: BaseException | None) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:1000]
+    """``Type: message``, short: a database error without its SQL and parameters."""
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        return f"{type(exc).__name__}: {type(exc.orig).__name__}: {exc.orig}"[:500]
+    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 class OutboxRelay:
@@ -214,6 +218,7 @@ class OutboxRelay:
     async def supervise(self) -> None:
         """Run :meth:`run` until :meth:`stop`, restarting it (with backoff) whenever it ends."""
         backoff = self._step_backoff()
+        self._last_progress = time.monotonic()  # a stall is counted from the start, not __init__
         while not self._stopping:
             started = time.monotonic()
             try:
@@ -266,7 +271,10 @@ class OutboxRelay:
                     await asyncio.wait_for(self._wake.wait(), self._settings.outbox_poll_seconds)
         finally:
             if purging is not None:
-                purging.cancel()
+                if not self._stopping:
+                    purging.cancel()
+                # on stop() it ends after its current chunk (cancelling a statement midway
+                # would leave its connection unreturned)
                 with contextlib.suppress(BaseException):
                     await purging
 
@@ -593,7 +601,7 @@ class OutboxRelay:
                     result = await session.exec(delete(table).where(key.in_(ids)))
             deleted = int(result.rowcount or 0)
             total += deleted
-            if deleted < chunk:
+            if deleted < chunk or self._stopping:
                 return total
             await asyncio.sleep(0)  # let the relay and the service's requests in between
 
