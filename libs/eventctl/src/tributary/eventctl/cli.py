@@ -1,7 +1,8 @@
 """``eventctl``: the operator CLI.
 
 Commands are grouped (``eventctl <group> <command>``): ``contracts check``, ``dlq list``,
-``dlq replay``, ``dlq archive``, ``replay outbox``, ``queue show`` and ``queue migrate``.
+``dlq replay``, ``dlq archive``, ``replay outbox``, ``queue show``, ``queue migrate``,
+``outbox parked`` and ``outbox resend``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tributary.contracts.compat import (
     materialize_ref,
 )
 from tributary.eventctl.commands import add_dlq_commands, add_replay_commands
+from tributary.eventctl.outbox import add_outbox_commands
 from tributary.eventctl.queue_commands import add_queue_commands
 
 Handler = Callable[[argparse.Namespace], int | Coroutine[Any, Any, int]]
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dlq_commands(groups)
     add_replay_commands(groups)
     add_queue_commands(groups)
+    add_outbox_commands(groups)
     return parser
 
 
