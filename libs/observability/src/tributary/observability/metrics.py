@@ -1,8 +1,8 @@
 """Prometheus metrics of a service: ``GET /metrics``.
 
-Counters and histograms are fed by the consumer's outcome records; gauges (outbox pending and
-oldest age, DLQ depth) are read when scraped. One registry per app, so several apps can live in
-one process (tests).
+Counters and histograms are fed by the consumer's outcome records; the relay's counters follow
+its stats and its gauges (outbox waiting, oldest age, parked, last publish) are read when scraped,
+as is the DLQ depth. One registry per app, so several apps can live in one process (tests).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from prometheus_client import (
 
 from tributary.messaging.bus import Bus
 from tributary.messaging.consumer import OutcomeRecord
+from tributary.observability.relay_metrics import RelayMetrics
 
 log = logging.getLogger("tributary.observability")
 
@@ -33,18 +34,7 @@ class ServiceMetrics:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.published = Counter(
-            "tributary_events_published",
-            "Events published by the outbox relay",
-            ["service"],
-            registry=r,
-        )
-        self.unroutable = Counter(
-            "tributary_events_unroutable",
-            "Outbox publishes returned by the broker (kept in the outbox)",
-            ["service"],
-            registry=r,
-        )
+        self.relay = RelayMetrics(r, service)
         self.consumed = Counter(
             "tributary_events_consumed",
             "Deliveries by outcome: processed, duplicate, retried, dead_lettered, replayed",
@@ -65,20 +55,9 @@ class ServiceMetrics:
             buckets=_AGE_BUCKETS,
             registry=r,
         )
-        self.outbox_pending = Gauge(
-            "tributary_outbox_pending", "Outbox rows not yet published", ["service"], registry=r
-        )
-        self.outbox_oldest = Gauge(
-            "tributary_outbox_oldest_age_seconds",
-            "Age of the oldest unpublished outbox row (0 when none)",
-            ["service"],
-            registry=r,
-        )
         self.dlq_depth = Gauge(
             "tributary_dlq_depth", "Messages waiting in a dead-letter queue", ["queue"], registry=r
         )
-        self._published_seen = 0
-        self._unroutable_seen = 0
 
     def record(self, outcome: OutcomeRecord) -> None:
         """An ``OutcomeListener``: add it to ``bus.listeners``."""
@@ -94,16 +73,7 @@ class ServiceMetrics:
     async def refresh(self, bus: Bus) -> None:
         """Bring the read-on-scrape figures up to date."""
         if bus.relay is not None:
-            stats = bus.relay.stats
-            self.published.labels(self.service).inc(stats.published - self._published_seen)
-            self.unroutable.labels(self.service).inc(stats.unroutable - self._unroutable_seen)
-            self._published_seen, self._unroutable_seen = stats.published, stats.unroutable
-            try:
-                count, oldest = await bus.relay.pending()
-                self.outbox_pending.labels(self.service).set(count)
-                self.outbox_oldest.labels(self.service).set(oldest or 0.0)
-            except Exception as exc:
-                log.warning("metrics: outbox not readable: %s", type(exc).__name__)
+            await self.relay.refresh(bus.relay)
         try:
             for queue, depth in (await bus.queue_depths(bus.dead_letter_queues)).items():
                 self.dlq_depth.labels(queue).set(depth)
