@@ -1,11 +1,12 @@
 """A consumer process that the fault tests start, crash, kill and stop.
 
-    python fault_worker.py --db URL --broker URL --prefix P --service S --mode ok|crash|slow
+    python fault_worker.py --db URL --broker URL --prefix P --service S --mode ok|crash|slow|hang
 
 It consumes ``user.created`` into the table ``fault_things``, prints ``READY`` once it
 consumes, and on SIGTERM stops the bus gracefully and exits 0. ``crash`` kills the process
 (no cleanup at all) on a user id starting with :data:`CRASH_MARKER`; ``slow`` spends
-``--delay-ms`` in each handler, so that a signal finds a batch in hand.
+``--delay-ms`` in each handler, so that a signal finds a batch in hand; ``hang`` never returns
+for a user id starting with :data:`HANG_MARKER` (the handler timeout has to end it).
 
 Run as ``fault_worker.py --standby`` it imports everything, then waits for its command line
 (a JSON list) on stdin, and stops when stdin closes: tests keep processes warm, so that a
@@ -38,6 +39,7 @@ from tributary.messaging.testing import isolated_settings
 from tributary.messaging.uow import UnitOfWork
 
 CRASH_MARKER = "usr_crash"
+HANG_MARKER = "usr_hang"
 READY = "READY"
 STANDBY = "--standby"
 
@@ -68,6 +70,8 @@ def handler_for(mode: str, delay_seconds: float) -> Handler:
             os._exit(1)  # a segfault, an OOM kill: no except, no finally, no ack
         if mode == "slow":
             await asyncio.sleep(delay_seconds)
+        if mode == "hang" and event.data.user_id.startswith(HANG_MARKER):
+            await asyncio.Event().wait()  # a call that never answers: only a timeout ends it
         uow.session.add(FaultThing(event_id=event.id, user_id=event.data.user_id))
 
     return on_user_created
@@ -79,9 +83,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--broker", required=True)
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--service", required=True)
-    parser.add_argument("--mode", choices=("ok", "crash", "slow"), default="ok")
+    parser.add_argument("--mode", choices=("ok", "crash", "slow", "hang"), default="ok")
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--delivery-limit", type=int, default=10)
+    parser.add_argument("--handler-timeout", type=float, default=60.0)
+    parser.add_argument("--inprocess-retries", type=int, default=3)
     return parser.parse_args(argv)
 
 
@@ -120,7 +126,11 @@ async def run(argv: Sequence[str]) -> int:
         engine,
         handlers={UserCreatedV2: handler_for(args.mode, args.delay_ms / 1000)},
         settings=isolated_settings(
-            args.broker, name_prefix=args.prefix, delivery_limit=args.delivery_limit
+            args.broker,
+            name_prefix=args.prefix,
+            delivery_limit=args.delivery_limit,
+            handler_timeout_seconds=args.handler_timeout,
+            inprocess_retries=args.inprocess_retries,
         ),
     )
     await bus.start()
