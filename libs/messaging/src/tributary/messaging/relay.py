@@ -274,9 +274,10 @@ class OutboxRelay:
                 if not self._stopping:
                     purging.cancel()
                 # on stop() it ends after its current chunk (cancelling a statement midway
-                # would leave its connection unreturned)
-                with contextlib.suppress(BaseException):
-                    await purging
+                # would leave its connection unreturned); a cancel of this task still ends it
+                await asyncio.wait([purging])
+                if not purging.cancelled():
+                    purging.exception()  # retrieved: the loop ends either way
 
     async def _purge_round(self) -> bool:
         try:
