@@ -20,6 +20,7 @@ from .chaos.soak import Config, run
 SEED = int(os.environ.get("CHAOS_SEED", "20261201"))
 
 
+@pytest.mark.timeout(600)  # bounded inside: start, faults, load, quiescence and checks each
 @pytest.mark.parametrize("database", ["sqlite", "postgres"])
 def test_every_sign_up_has_one_user_workspace_mail_and_audit_trail_after_seeded_faults(
     database: Database, tmp_path: Path

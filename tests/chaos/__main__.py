@@ -7,6 +7,7 @@ it are printed), 2 the soak could not run here (RabbitMQ or PostgreSQL not insta
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import signal
@@ -56,7 +57,8 @@ def say(line: str) -> None:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
+    """SIGTERM cleans up like Ctrl-C (inside asyncio.run too, which handles SIGINT itself)."""
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,9 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from signal import SIGTERM
 
 from tributary.testkit.nodes import PostgresNode, RabbitNode
 
@@ -112,18 +114,23 @@ class ChaosEnv:
             ("finish the fault in progress", lambda: self._faults.shutdown(wait=True))
         ]
         if self.stack is not None:
-            stack = self.stack
-            steps += [(f"stop {n}", p.stop) for n, p in stack.services.items()]
-            steps.append(("stop the SMTP sink", stack.mail.stop))
+            services = self.stack.services
+            # SIGTERM to all first, so they wind down together rather than one after another
+            steps += [(f"signal {n}", partial(p.signal, SIGTERM)) for n, p in services.items()]
+            steps += [(f"stop {n}", p.stop) for n, p in services.items()]
+            steps.append(("stop the SMTP sink", self.stack.mail.stop))
         if self.rabbit is not None:
-            steps.append(("stop broker", self.rabbit.stop))  # keeps its log in the workdir
+            steps.append(("stop the broker", self.rabbit.stop))  # keeps its log in the workdir
         if self.postgres is not None:
             steps.append(("remove PostgreSQL", self.postgres.destroy))
         for what, step in steps:
+            begun = time.monotonic()
             try:
                 step()
             except BaseException as exc:  # cleanup goes on whatever happened
                 self.say(f"cleanup: {what} failed: {type(exc).__name__}: {exc}")
+            if (took := time.monotonic() - begun) > 5:
+                self.say(f"cleanup: {what} took {took:.0f} s")
 
     # -- faults ---------------------------------------------------------------------------------
 

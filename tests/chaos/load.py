@@ -73,35 +73,36 @@ class LoadGenerator:
         self.concurrency = concurrency
         self.done = 0
 
-    async def run(self, give_up: asyncio.Event) -> LoadResult:
-        """Offer every pending sign-up (paced at ``rate``/s) until accepted or ``give_up``."""
+    async def run(self) -> LoadResult:
+        """Offer every pending sign-up, paced at ``rate``/s, until each is accepted (or refused);
+        cancel it to stop early."""
         started = time.monotonic()
         gate = asyncio.Semaphore(self.concurrency)
         limits = httpx.Limits(max_connections=self.concurrency)
-        async with httpx.AsyncClient(base_url=self.url, timeout=10, limits=limits) as client:
+        try:
+            async with httpx.AsyncClient(base_url=self.url, timeout=10, limits=limits) as client:
 
-            async def one(signup: SignUp, offset: float) -> None:
-                await asyncio.sleep(max(0.0, started + offset - time.monotonic()))
-                async with gate:
-                    await self._until_accepted(client, signup, give_up)
+                async def one(signup: SignUp, offset: float) -> None:
+                    await asyncio.sleep(max(0.0, started + offset - time.monotonic()))  # pacing
+                    async with gate:
+                        await self._until_accepted(client, signup)
 
-            todo = self.result.pending
-            tasks = [asyncio.create_task(one(s, n / self.rate)) for n, s in enumerate(todo)]
-            try:
-                await asyncio.gather(*tasks)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-        self.result.seconds += time.monotonic() - started
+                todo = self.result.pending
+                tasks = [asyncio.create_task(one(s, n / self.rate)) for n, s in enumerate(todo)]
+                try:
+                    await asyncio.gather(*tasks)
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self.result.seconds += time.monotonic() - started
         return self.result
 
-    async def _until_accepted(
-        self, client: httpx.AsyncClient, signup: SignUp, give_up: asyncio.Event
-    ) -> None:
+    async def _until_accepted(self, client: httpx.AsyncClient, signup: SignUp) -> None:
         backoff = random.Random(signup.index)  # jitter only; no effect on the fault plan
         delay = 0.2
-        while signup.user_id is None and signup.refused is None and not give_up.is_set():
+        while signup.user_id is None and signup.refused is None:
             signup.attempts += 1
             try:
                 response = await client.post(

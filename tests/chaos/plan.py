@@ -38,7 +38,7 @@ class Profile:
     name: str
     signups: int
     rate: float
-    """Sign-ups offered per second (the load is paced, so faults overlap it)."""
+    """Most sign-ups offered per second; the load is paced to last as long as the faults."""
     concurrency: int
     """Sign-up requests in flight at most."""
     faults: int
@@ -61,7 +61,7 @@ PROFILES: dict[str, Profile] = {
         rate=8.0,
         concurrency=8,
         faults=0,  # one per applicable kind
-        gap=(1.0, 3.0),
+        gap=(0.5, 2.0),
         holds={
             "kill": (0.0, 1.0),
             "term": (0.0, 1.0),
@@ -71,8 +71,8 @@ PROFILES: dict[str, Profile] = {
             "smtp_pause": (1.0, 4.0),
         },
         retry_tiers=(0.5, 2.0, 5.0),
-        quiesce_timeout=90.0,
-        load_timeout=60.0,
+        quiesce_timeout=60.0,
+        load_timeout=45.0,
     ),
     # ``make chaos``: production retry tiers, outages up to two minutes
     "soak": Profile(
@@ -145,6 +145,24 @@ def make_plan(seed: int, profile: Profile, kinds: tuple[FaultKind, ...], count: 
             )
         )
     return plan
+
+
+# Seconds a fault takes beyond its hold (a service restart, rabbitmqctl), roughly, on 2 cores.
+OVERHEAD: dict[FaultKind, float] = {
+    "kill": 8.0,
+    "term": 10.0,
+    "broker_restart": 8.0,
+    "broker_close": 2.0,
+    "db_outage": 3.0,
+    "smtp_pause": 0.0,
+}
+
+
+def pace(profile: Profile, signups: int, plan: list[Fault]) -> float:
+    """Sign-ups per second so that the load lasts about as long as the planned faults (faults
+    that hit nothing in flight prove little), never faster than the profile's rate."""
+    planned = sum(f.gap + f.hold + OVERHEAD[f.kind] for f in plan)
+    return min(profile.rate, signups / planned) if planned else profile.rate
 
 
 def _target(rng: random.Random, kind: FaultKind) -> str:

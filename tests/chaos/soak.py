@@ -16,7 +16,17 @@ from ..stack import SIGNUP_SERVICES, Stack
 from .check import Checker, Findings
 from .env import ChaosEnv, Injected, Say
 from .load import LoadGenerator, LoadResult, make_signups
-from .plan import KINDS, Database, Fault, FaultKind, Profile, fault_count, kinds_for, make_plan
+from .plan import (
+    KINDS,
+    Database,
+    Fault,
+    FaultKind,
+    Profile,
+    fault_count,
+    kinds_for,
+    make_plan,
+    pace,
+)
 
 
 @dataclass(frozen=True)
@@ -148,24 +158,20 @@ async def _soak(env: ChaosEnv, stack: Stack, plan: list[Fault], out: Outcome, sa
     config = out.config
     profile = config.profile
     signups = make_signups(config.signups, uuid.uuid4().hex[:6])
-    load = LoadGenerator(
-        stack.url("identity"), signups, rate=profile.rate, concurrency=profile.concurrency
-    )
+    rate = pace(profile, config.signups, plan)
+    say(f"load: {config.signups} sign-ups at {rate:.1f}/s, at most {profile.concurrency} at once")
+    load = LoadGenerator(stack.url("identity"), signups, rate=rate, concurrency=profile.concurrency)
     out.load = load.result
-    give_up = asyncio.Event()
     started = time.monotonic()
-    load_task = asyncio.create_task(load.run(give_up))
+    load_task = asyncio.create_task(load.run())
     progress = asyncio.create_task(_progress(load, stack, out, started, say))
     try:
         await _drive(env, plan, out, started, say)
         env.ensure_running()
-        try:  # the faults are over: the rest of the load gets a bounded time
-            await asyncio.wait_for(asyncio.shield(load_task), profile.load_timeout)
-        except TimeoutError:
-            give_up.set()
-            await load_task
+        # the faults are over: the rest of the load gets a bounded time (then it is cancelled)
+        await asyncio.wait([load_task], timeout=profile.load_timeout)
     finally:
-        give_up.set()
+        load_task.cancel()
         progress.cancel()
         await asyncio.gather(load_task, progress, return_exceptions=True)
     assert env.rabbit is not None
