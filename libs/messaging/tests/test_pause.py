@@ -179,3 +179,28 @@ async def test_a_lost_subscription_is_registered_again(
             assert await consumer.health() == (True, None)
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_data_the_database_refuses_is_dead_lettered_at_once(
+    engine: AsyncEngine, broker_url: str
+) -> None:
+    """SQLSTATE class 22 (here a NUL in a text column) is the message's fault, and final."""
+    bad = user_created()
+
+    async def handler(event: CloudEvent[UserCreatedV2], uow: UnitOfWork) -> None:
+        user_id = "usr\x00" if event.id == bad["id"] else event.data.user_id
+        uow.session.add(Thing(event_id=event.id, user_id=user_id))
+
+    bus = Bus(
+        SERVICE, engine, handlers={UserCreatedV2: handler}, settings=isolated_settings(broker_url)
+    )
+    good = [user_created() for _ in range(5)]
+    async with started_bus(bus) as outcomes:
+        await publish_events(broker_url, bus.names, [*good, bad])
+        await outcomes.wait_until_handled(bad["id"], "dead_lettered")
+        await outcomes.wait_for_count("processed", len(good))
+        [dead] = await read_queue(broker_url, queues_of(bus).dlq)
+        assert dead.reason == "handler_error"
+        assert outcomes.of(bad["id"], "retried") == []
+        assert outcomes.count("requeued") == 0

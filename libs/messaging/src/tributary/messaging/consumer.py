@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from tenacity import (
     AsyncRetrying,
-    retry_if_not_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_exponential_jitter,
 )
@@ -62,7 +62,7 @@ from tributary.messaging.errors import (
     PermanentError,
     Rejected,
 )
-from tributary.messaging.faults import as_infrastructure, brief
+from tributary.messaging.faults import as_infrastructure, brief, data_failure
 from tributary.messaging.publisher import Publisher
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.topology import Names, QueueSet
@@ -174,7 +174,7 @@ class QueueConsumer:
             wait=wait_exponential_jitter(
                 multiplier=settings.inprocess_backoff_seconds, max=2.0, jitter=0.05
             ),
-            retry=retry_if_not_exception_type((PermanentError, InfrastructureError)),
+            retry=retry_if_exception(lambda exc: not _final(exc)),
             reraise=True,
         )
 
@@ -660,15 +660,16 @@ class QueueConsumer:
                     await self._transact([p], attempt=p.ctx.attempt + attempts - 1)
         except InfrastructureError:
             raise
-        except PermanentError as exc:
-            await self._dead_letter(
-                p.message,
-                "handler_error",
-                _describe(exc),
-                attempts=p.ctx.attempt + attempts - 1,
-                prepared=p,
-            )
         except Exception as exc:
+            if _final(exc):  # a PermanentError, or data the database refuses
+                await self._dead_letter(
+                    p.message,
+                    "handler_error",
+                    _describe(exc),
+                    attempts=p.ctx.attempt + attempts - 1,
+                    prepared=p,
+                )
+                return
             log.warning(
                 "handler for %s on %s failed %d times: %s",
                 p.event.type,
@@ -877,6 +878,11 @@ class QueueConsumer:
             await op
         except Exception as exc:  # channel closed: the broker redelivers; the inbox dedupes
             log.warning("ack/nack not delivered: %s", exc)
+
+
+def _final(exc: BaseException) -> bool:
+    """Failures that retrying cannot fix: dead-letter at once (infrastructure pauses instead)."""
+    return isinstance(exc, PermanentError | InfrastructureError) or data_failure(exc)
 
 
 def _key(message: AbstractIncomingMessage) -> tuple[int, int]:

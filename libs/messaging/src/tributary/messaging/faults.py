@@ -68,6 +68,13 @@ def database_failure(exc: BaseException, *, connecting: bool = False) -> bool:
     )
 
 
+def data_failure(exc: BaseException) -> bool:
+    """The database refused the message's own data (SQLSTATE class 22: a NUL in a string, a
+    value out of range): retrying cannot help, so it is a permanent failure of the message."""
+    state = _sqlstate(exc) if isinstance(exc, sa.DBAPIError) else None
+    return state is not None and state.startswith("22")
+
+
 def broker_failure(exc: BaseException) -> bool:
     """Whether ``exc`` from a publish says the broker refused, timed out or went away."""
     return isinstance(

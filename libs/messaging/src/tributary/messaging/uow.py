@@ -10,7 +10,7 @@ from typing import Any
 from opentelemetry import propagate
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tributary.contracts.envelope import CloudEvent, new_event
+from tributary.contracts.envelope import MAX_BODY_BYTES, CloudEvent, new_event
 from tributary.contracts.events import Payload
 from tributary.contracts.validation import validate
 from tributary.messaging import context
@@ -51,11 +51,16 @@ class Outbox:
         )
         if tp := carrier.get("traceparent"):
             event = event.model_copy(update={"traceparent": tp})
+        body = event.to_bytes()
+        if len(body) > MAX_BODY_BYTES:  # every consumer would dead-letter it as malformed
+            raise ValueError(
+                f"{payload.routing_key} event of {len(body)} bytes exceeds {MAX_BODY_BYTES}"
+            )
         self._session.add(
             OutboxRow(
                 event_id=event.id,
                 routing_key=payload.routing_key,
-                body=event.to_bytes(),
+                body=body,
                 trace_headers=json.dumps(carrier),
                 correlation_id=event.correlationid,
             )
