@@ -61,7 +61,7 @@ FORK_SERVER = Path(__file__).with_name("fork_server.py")
 FAULT_WORKER = Path(__file__).with_name("fault_worker.py")
 DEFAULT_TIERS: tuple[float, ...] = MessagingSettings.model_fields["retry_tiers"].default
 PG_OUTAGE_SECONDS = 180.0
-SQLITE_OUTAGE_SECONDS = 15.0
+SQLITE_OUTAGE_SECONDS = 20.0
 SQLITE_TIERS = (0.5, 1.0, 2.0)
 NOT_READY_WITHIN = 30.0
 """Longest wait for readiness to notice an outage (the consumer learns of it on its next try)."""
@@ -509,8 +509,11 @@ async def test_postgres_down_3_minutes_with_default_tiers_pauses_and_dead_letter
         await asyncio.to_thread(postgres_node.stop)
         try:
             # 500 sign-ups in the first 80 s: even the last burst waits 100 s, longer than the
-            # default tiers add up to (1 + 10 + 60 s) plus the in-process retries
-            bursts = [(t, 100) for t in (0.0, 20.0, 40.0, 60.0, 80.0)]
+            # default tiers add up to (1 + 10 + 60 s). The first burst is small: a consumer
+            # that fails every event in turn (3 in-process attempts each) needs ~0.2 s per
+            # event and pass, so 20 events are through all tiers and into the DLQ within
+            # ~80 s, while a burst of 100 would still be crawling through them after 3 minutes.
+            bursts = [(0.0, 20), *((t, 120) for t in (20.0, 40.0, 60.0, 80.0))]
             watch = await hold_outage(service, PG_OUTAGE_SECONDS, bursts)
         finally:
             await asyncio.to_thread(postgres_node.start)
@@ -579,10 +582,10 @@ async def test_sqlite_file_unwritable_pauses_consumption_and_dead_letters_nothin
     if (why := Unwritable.supported(directory)) is not None:
         pytest.skip(f"SKIPPED LOUDLY: cannot make a file unwritable for root here: {why}")
     fault = Unwritable(directory)
-    # The tiers are shortened (0.5 + 1 + 2 s) and the outage with them (15 s, four times
-    # their sum plus the in-process retries): the claim, "an outage longer than the tiers
-    # dead-letters nothing", is the same as with the defaults; the 3-minute version with the
-    # default tiers is the PostgreSQL test above. The probe back-off is shortened to match.
+    # The tiers are shortened (0.5 + 1 + 2 s) and the outage with them (20 s, over five times
+    # their sum): the claim, "an outage longer than the tiers dead-letters nothing", is the
+    # same as with the defaults; the 3-minute version with the default tiers is the PostgreSQL
+    # test above. The probe back-off is shortened to match.
     async with onboarding(
         broker_url,
         f"sqlite+aiosqlite:///{directory / 'onboarding.db'}",
@@ -597,7 +600,9 @@ async def test_sqlite_file_unwritable_pauses_consumption_and_dead_letters_nothin
 
         fault.on()
         try:
-            bursts = [(0.0, 250), (5.0, 250)]
+            # as above: with 10 events alone, a consumer failing them in turn has them through
+            # the tiers and in the DLQ within ~10 s; the rest then waits 10 s, 3x the tiers
+            bursts = [(0.0, 10), (10.0, 490)]
             watch = await hold_outage(service, SQLITE_OUTAGE_SECONDS, bursts)
         finally:
             fault.off()
