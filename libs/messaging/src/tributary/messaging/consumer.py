@@ -34,6 +34,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
+from aiormq.abc import AbstractChannel as AbstractChannelLike
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
@@ -54,7 +55,7 @@ from tributary.contracts.pii import scrub_text
 from tributary.contracts.upcasting import NoUpcastPath, UpcastFailed, upcast
 from tributary.contracts.validation import SchemaViolation, validate
 from tributary.messaging import context, headers
-from tributary.messaging.db import InboxRow, session_factory, utcnow
+from tributary.messaging.db import InboxRow, is_sqlite, session_factory, utcnow
 from tributary.messaging.errors import (
     DlqReason,
     HandlerTimeout,
@@ -142,6 +143,7 @@ class QueueConsumer:
         self.queues = queues
         self._subs = dict(subscriptions)
         self._sessions = session_factory(engine)
+        self._sqlite = is_sqlite(engine)
         self._publisher = publisher
         self._names = names
         self._settings = settings
@@ -150,8 +152,10 @@ class QueueConsumer:
         self._broker_ready = broker_ready
         self._source = f"/services/{service}"
         self._pending: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
-        # every delivery handed to us and not yet acked, nacked or rejected, by (channel, tag)
-        self._unsettled: dict[tuple[int, int], AbstractIncomingMessage] = {}
+        # every delivery handed to us and not yet acked, nacked or rejected, by id(message),
+        # with the channel and tag it came on (read while the channel is open: aio-pika refuses
+        # ``message.channel`` once it has closed)
+        self._unsettled: dict[int, tuple[AbstractIncomingMessage, AbstractChannelLike, int]] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -260,7 +264,7 @@ class QueueConsumer:
         if self._probing is not None:
             self._probing.cancel()
             await asyncio.gather(self._probing, return_exceptions=True)
-        for message in list(self._unsettled.values()):
+        for message, _channel, _tag in list(self._unsettled.values()):
             await self._requeue(message, "stopping")
         if self._channel is not None and not self._channel.is_closed:
             try:
@@ -269,7 +273,7 @@ class QueueConsumer:
                 log.debug("closing the channel of %s failed: %s", self.queues.work, exc)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._unsettled[_key(message)] = message
+        self._unsettled[id(message)] = (message, message.channel, message.delivery_tag or 0)
         self._pending.put_nowait(message)
         if self._cautious and not message.redelivered and not self._stopping:
             self._cautious = False
@@ -394,11 +398,19 @@ class QueueConsumer:
             return
 
     async def _probe_database(self) -> None:
-        """A write transaction: a read-only database passes ``SELECT 1`` but not this."""
+        """A write that really writes: a read-only database passes ``SELECT 1`` but not this.
+
+        PostgreSQL refuses any UPDATE in a read-only transaction, even one matching no row;
+        SQLite only fails when a page is written, so it rewrites its ``user_version`` header.
+        """
         async with self._sessions() as session, session.begin():
-            await session.exec(  # type: ignore[call-overload]
-                text("UPDATE tributary_outbox_lease SET owner = owner WHERE name = ''")
-            )
+            if self._sqlite:
+                version = (await session.exec(text("PRAGMA user_version"))).scalar_one()  # type: ignore[call-overload]
+                await session.exec(text(f"PRAGMA user_version = {int(version)}"))  # type: ignore[call-overload]
+            else:
+                await session.exec(  # type: ignore[call-overload]
+                    text("UPDATE tributary_outbox_lease SET owner = owner WHERE name = ''")
+                )
 
     # -- the work loop ---------------------------------------------------------------------
 
@@ -420,24 +432,56 @@ class QueueConsumer:
         while (batch := await self._next_batch()) is not None:
             self._busy_since = time.monotonic()
             try:
-                while batch:
-                    if self._paused is not None:
-                        await self._resumed.wait()
-                    if self._paused is not None:  # stopping while paused: hand them back
-                        return
-                    try:
-                        await self.handle(batch)
-                        self._backoff = 0.0
-                    except InfrastructureError as failure:
-                        await self._pause(failure)
-                    except Exception:  # handle() settles each delivery; this is a bug in it
-                        log.exception("batch on %s failed unexpectedly", self.queues.work)
-                        for message in batch:
-                            if not self._settled(message):
-                                await self._requeue(message, "unexpected_error")
-                    batch = [m for m in batch if not self._settled(m)]
+                await self._work_on(batch)
+            except Exception:  # never let a worker die: its deliveries would be held forever
+                log.exception("worker on %s failed", self.queues.work)
             finally:
                 self._busy_since = None
+            if self._stopping and self._paused is not None:
+                return
+
+    async def _work_on(self, batch: list[AbstractIncomingMessage]) -> None:
+        while batch:
+            batch = self._drop_orphans(batch)
+            if not batch:
+                return
+            if self._paused is not None:
+                await self._resumed.wait()
+            if self._paused is not None:  # stopping while paused: hand them back
+                return
+            try:
+                await self.handle(batch)
+                self._backoff = 0.0
+            except InfrastructureError as failure:
+                await self._pause(failure)
+            except Exception:  # handle() settles each delivery; this is a bug in it
+                log.exception("batch on %s failed unexpectedly", self.queues.work)
+                for message in batch:
+                    if not self._settled(message):
+                        await self._requeue(message, "unexpected_error")
+            batch = [m for m in batch if not self._settled(m)]
+
+    def _drop_orphans(self, batch: list[AbstractIncomingMessage]) -> list[AbstractIncomingMessage]:
+        """Deliveries of a channel that has closed are the broker's again (it redelivers them);
+        handling them would only make duplicates."""
+        kept = []
+        for message in batch:
+            entry = self._unsettled.get(id(message))
+            if entry is not None and entry[1].is_closed:
+                del self._unsettled[id(message)]
+                replay = headers.is_replay(message)
+                self._record(
+                    message,
+                    "requeued",
+                    message.message_id,
+                    message.type,
+                    replay,
+                    None,
+                    "channel_closed",
+                )
+            elif entry is not None:
+                kept.append(message)
+        return kept
 
     # -- one batch ---------------------------------------------------------------------------
 
@@ -705,16 +749,23 @@ class QueueConsumer:
     # -- settling --------------------------------------------------------------------------
 
     def _settled(self, message: AbstractIncomingMessage) -> bool:
-        return _key(message) not in self._unsettled
+        return id(message) not in self._unsettled
 
     def _covers_all_older(self, items: list[_Prepared]) -> bool:
         """Whether one multiple-ack for ``items`` would acknowledge nothing else."""
-        channel = id(items[0].message.channel)
-        tags = {p.message.delivery_tag for p in items if id(p.message.channel) == channel}
+        entries = [self._unsettled.get(id(p.message)) for p in items]
+        if any(e is None for e in entries):
+            return False
+        channel = entries[0][1]  # type: ignore[index]
+        tags = {e[2] for e in entries if e is not None and e[1] is channel}
         if len(tags) != len(items):
             return False
         top = max(t or 0 for t in tags)
-        return all(tag in tags for (ch, tag) in self._unsettled if ch == channel and tag <= top)
+        return all(
+            tag in tags
+            for (_m, ch, tag) in self._unsettled.values()
+            if ch is channel and tag <= top
+        )
 
     async def _publish_copy(self, routing_key: str, exchange: str, copy: Message) -> None:
         """Publish a retry or DLQ copy, confirmed; a broker failure pauses consumption."""
@@ -873,7 +924,7 @@ class QueueConsumer:
     ) -> None:
         """Send an ack/nack; the deliveries it covers are settled whether or not it arrives."""
         for m in [p.message for p in group] if group else [message]:
-            self._unsettled.pop(_key(m), None)
+            self._unsettled.pop(id(m), None)
         try:
             await op
         except Exception as exc:  # channel closed: the broker redelivers; the inbox dedupes
@@ -883,10 +934,6 @@ class QueueConsumer:
 def _final(exc: BaseException) -> bool:
     """Failures that retrying cannot fix: dead-letter at once (infrastructure pauses instead)."""
     return isinstance(exc, PermanentError | InfrastructureError) or data_failure(exc)
-
-
-def _key(message: AbstractIncomingMessage) -> tuple[int, int]:
-    return id(message.channel), message.delivery_tag or 0
 
 
 def _describe(exc: BaseException) -> str:
