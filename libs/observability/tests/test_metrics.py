@@ -65,6 +65,7 @@ async def test_duplicates_and_dead_letters_show_in_the_metrics(
                 samples[("tributary_events_published_total", frozenset({("service", "obs")}))] >= 1
             )
             assert ("tributary_outbox_pending", frozenset({("service", "obs")})) in samples
+            assert samples[("tributary_consumer_paused", frozenset(base))] == 0
             assert any(name == "tributary_handler_duration_seconds_count" for name, _ in samples)
             assert any(name == "tributary_event_backlog_age_seconds_count" for name, _ in samples)
     finally:

@@ -223,6 +223,11 @@ class QueueConsumer:
             and all(not w.done() for w in self._workers)
         )
 
+    @property
+    def paused(self) -> str | None:
+        """Why consumption is paused by an outage, or None."""
+        return str(self._paused) if self._paused is not None else None
+
     async def health(self) -> tuple[bool, str | None]:
         """Ready, or why not: paused by an outage, not subscribed, or stuck on a batch."""
         if self._paused is not None:

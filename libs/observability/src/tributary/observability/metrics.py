@@ -37,7 +37,8 @@ class ServiceMetrics:
         self.relay = RelayMetrics(r, service)
         self.consumed = Counter(
             "tributary_events_consumed",
-            "Deliveries by outcome: processed, duplicate, retried, dead_lettered, replayed",
+            "Deliveries by outcome: processed, duplicate, retried, dead_lettered, requeued, "
+            "replayed",
             ["service", "consumer", "outcome"],
             registry=r,
         )
@@ -53,6 +54,12 @@ class ServiceMetrics:
             "Age of an event (its time) when its handling started",
             ["service", "consumer"],
             buckets=_AGE_BUCKETS,
+            registry=r,
+        )
+        self.paused = Gauge(
+            "tributary_consumer_paused",
+            "1 while an outage (database or broker) pauses the consumer",
+            ["service", "consumer"],
             registry=r,
         )
         self.dlq_depth = Gauge(
@@ -74,6 +81,10 @@ class ServiceMetrics:
         """Bring the read-on-scrape figures up to date."""
         if bus.relay is not None:
             await self.relay.refresh(bus.relay)
+        for consumer in bus.consumers:
+            self.paused.labels(self.service, consumer.queues.consumer).set(
+                1 if consumer.paused else 0
+            )
         try:
             for queue, depth in (await bus.queue_depths(bus.dead_letter_queues)).items():
                 self.dlq_depth.labels(queue).set(depth)
