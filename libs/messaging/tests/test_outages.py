@@ -24,14 +24,16 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import httpx
@@ -266,6 +268,15 @@ class Onboarding:
     def log_text(self) -> str:
         return "\n".join(p.log_text() for p in self.processes)
 
+    def log_records(self) -> list[dict[str, Any]]:
+        """The service's structured (JSON) log records."""
+        records = []
+        for line in self.log_text().splitlines():
+            with contextlib.suppress(ValueError):
+                if isinstance(record := json.loads(line), dict):
+                    records.append(record)
+        return records
+
     def log_excerpt(self, lines: int = 25) -> str:
         """Warnings and errors of every process, then the last lines of the current one."""
         noisy = [
@@ -429,6 +440,8 @@ class Watch:
     """Readiness while a fault lasted: (seconds into it, HTTP status, body)."""
 
     seen: list[tuple[float, int, str]] = field(default_factory=list)
+    resumed: int = 0
+    """Times the consumer logged that it resumed before the fault was lifted."""
 
     def summary(self) -> str:
         statuses = [status for _, status, _ in self.seen]
@@ -436,7 +449,7 @@ class Watch:
         said = sorted({r for _, _, body in self.seen for r in reasons(body)})
         return (
             f"{len(statuses)} probes, first 503 at {first} s, statuses {sorted(set(statuses))}, "
-            f"reasons {said}"
+            f"resumed {self.resumed} times, reasons {said}"
         )
 
     def assert_not_ready_throughout(self, *, naming: str) -> None:
@@ -451,6 +464,9 @@ class Watch:
         assert any(naming in reason for _, body in not_ready for reason in reasons(body)), (
             f"no reason naming the {naming}: {not_ready[-1][1]}"
         )
+        # readiness is sampled; a consumer that resumes and pauses again between two samples
+        # shows only in its log
+        assert self.resumed == 0, f"consumption resumed {self.resumed} times during the outage"
 
 
 def reasons(body: str) -> list[str]:
@@ -489,6 +505,7 @@ async def hold_outage(
         assert service.current.process.poll() is None, f"service died\n{service.log_excerpt()}"
         # the fault's duration is the point of the test: this paces the probes, waits for nothing
         await asyncio.sleep(0.25)
+    watch.resumed = sum(1 for r in service.log_records() if r.get("outcome") == "resumed")
     return watch
 
 
@@ -672,21 +689,30 @@ async def test_all_connections_closed_10_times_during_2000_events_consumers_come
     rabbit_node: RabbitNode, tmp_path: Path
 ) -> None:
     rounds, chunk = 10, 200
+    database = tmp_path / "onboarding.db"
     async with onboarding(
         rabbit_node.url,
-        f"sqlite+aiosqlite:///{tmp_path / 'onboarding.db'}",
+        f"sqlite+aiosqlite:///{database}",
         tmp_path,
         shared_broker=False,
         # aio-pika's reconnect interval (a URL option) down from 5 s: ten rounds, not minutes
         RABBITMQ_URL=f"{rabbit_node.url}?reconnect_interval=1",
     ) as service:
         await service.start()
+
+        async def deliveries_in_hand() -> bool:
+            queues = await asyncio.to_thread(rabbit_node.queues)
+            return queues[service.queues.work]["messages_unacknowledged"] > 0
+
         for n in range(rounds):
-            await service.feed(chunk)
-            # into the chunk: the consumer is back from the previous close and at work
-            await service.wait_handled(n * chunk + chunk // 4)
-            await asyncio.to_thread(rabbit_node.close_all_connections)
-        await service.wait_handled(rounds * chunk)
+            # Every close lands on a batch in flight: the write lock holds the consumer's
+            # transaction open (it waits on SQLite's busy timeout) until the connections are
+            # gone, so its commit comes after the close and its acks go to a dead channel.
+            with sqlite_write_lock(database):
+                await service.feed(chunk)
+                await service.wait(deliveries_in_hand, what="deliveries in hand")
+                await asyncio.to_thread(rabbit_node.close_all_connections)
+            await service.wait_handled((n + 1) * chunk)
 
         async def one_consumer_on_every_work_queue() -> bool:
             queues = await asyncio.to_thread(rabbit_node.queues)
@@ -794,6 +820,18 @@ async def test_20_sigterm_restarts_during_5000_events_with_delivery_limit_5_lose
 
         await service.wait_handled(total, timeout=180)
         await service.assert_each_handled_once()
+
+
+@contextmanager
+def sqlite_write_lock(database: Path) -> Iterator[None]:
+    """Hold SQLite's write lock on ``database`` (as a backup or a migration would)."""
+    connection = sqlite3.connect(database, isolation_level=None, timeout=30)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        yield
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()
 
 
 async def processed_by(process: ServiceProcess) -> bool:
