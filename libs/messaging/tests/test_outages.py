@@ -12,8 +12,9 @@ Every test ends by counting what the service's database committed (one workspace
 inbox row per sign-up), what it published (one ``workspace.created`` each) and what the broker
 still holds (DLQ, retry tiers, work queue: empty).
 
-Slow, and meant to run one test at a time (as pytest does by default): about six minutes in
-all, three of them the PostgreSQL outage that §2 asks for.
+Slow, and meant to run one test at a time (as pytest does by default): five to six minutes in
+all, three of them the PostgreSQL outage that §2 asks for (marked ``slow``; the others take
+10-40 s each).
 """
 
 from __future__ import annotations
@@ -512,6 +513,7 @@ async def hold_outage(
 # -- §2: an outage is not a message failure --------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.timeout(600)
 async def test_postgres_down_3_minutes_with_default_tiers_pauses_and_dead_letters_nothing(
@@ -534,11 +536,13 @@ async def test_postgres_down_3_minutes_with_default_tiers_pauses_and_dead_letter
             watch = await hold_outage(service, PG_OUTAGE_SECONDS, bursts)
         finally:
             await asyncio.to_thread(postgres_node.start)
+        back = time.monotonic()
         print(f"postgres outage: {watch.summary()}")
         watch.assert_not_ready_throughout(naming="database")
 
         await service.wait_handled(510, timeout=180)
         await service.wait_readiness(200)
+        print(f"postgres outage: all handled and ready {time.monotonic() - back:.1f} s after")
         await service.assert_each_handled_once()
         await service.report("postgres outage")
 
@@ -623,11 +627,13 @@ async def test_sqlite_file_unwritable_pauses_consumption_and_dead_letters_nothin
             watch = await hold_outage(service, SQLITE_OUTAGE_SECONDS, bursts)
         finally:
             fault.off()
+        back = time.monotonic()
         print(f"sqlite unwritable: {watch.summary()}")
         watch.assert_not_ready_throughout(naming="database")
 
         await service.wait_handled(510, timeout=120)
         await service.wait_readiness(200)
+        print(f"sqlite unwritable: all handled and ready {time.monotonic() - back:.1f} s after")
         await service.assert_each_handled_once()
         await service.report("sqlite unwritable")
 
@@ -674,9 +680,11 @@ async def test_a_memory_alarm_blocks_publishing_not_consuming_and_recovers_witho
             await asyncio.to_thread(rabbit_node.reset_memory_watermark)
             if stream is not None and not stream.done():
                 await asyncio.wait_for(stream, 120)
+        back = time.monotonic()
 
-        await service.wait_handled(backlog + late)
         await service.wait_readiness(200)
+        print(f"memory alarm: ready {time.monotonic() - back:.1f} s after the reset")
+        await service.wait_handled(backlog + late)
         assert service.processes == [process]
         assert process.process is not None
         assert process.process.poll() is None, "the service restarted"
