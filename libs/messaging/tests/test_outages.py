@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -812,7 +813,8 @@ async def test_20_sigterm_restarts_during_5000_events_with_delivery_limit_5_lose
         waiting_at_stop: list[int] = []
         for _ in range(restarts):
             # at work (a prefetch in hand, thousands waiting): the harshest moment to stop
-            await service.wait(lambda p=current: processed_by(p), what="the new process at work")
+            working = functools.partial(processed_by, current)
+            await service.wait(working, what="the new process at work")
             # the replacement starts as soon as the old process is told to stop; the old one
             # finishes what it holds meanwhile
             stopping.append((current, asyncio.create_task(asyncio.to_thread(current.stop, 60.0))))
