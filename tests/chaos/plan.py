@@ -51,6 +51,8 @@ class Profile:
     quiesce_timeout: float
     load_timeout: float
     """Seconds after the last fault for sign-ups still not accepted."""
+    progress_every: float
+    """Seconds between progress lines."""
 
 
 PROFILES: dict[str, Profile] = {
@@ -73,6 +75,7 @@ PROFILES: dict[str, Profile] = {
         retry_tiers=(0.5, 2.0, 5.0),
         quiesce_timeout=60.0,
         load_timeout=45.0,
+        progress_every=10.0,
     ),
     # ``make chaos``: production retry tiers, outages up to two minutes
     "soak": Profile(
@@ -93,6 +96,7 @@ PROFILES: dict[str, Profile] = {
         retry_tiers=(1.0, 10.0, 60.0),
         quiesce_timeout=600.0,
         load_timeout=300.0,
+        progress_every=30.0,
     ),
 }
 

@@ -221,7 +221,7 @@ async def _progress(
     load: LoadGenerator, stack: Stack, out: Outcome, started: float, say: Say
 ) -> None:
     while True:
-        await asyncio.sleep(10)
+        await asyncio.sleep(out.config.profile.progress_every)
         elapsed = time.monotonic() - started
         say(
             f"  t={elapsed:5.0f}s accepted {load.done}/{len(load.result.signups)}, "
