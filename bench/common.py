@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import tempfile
 import time
 import uuid
@@ -340,3 +341,11 @@ def results_table(rows: Sequence[Row]) -> str:
         cells = [row.figure, row.value, row.baseline, row.ratio, row.target, row.verdict]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def package_version(dist: str) -> str:
+    """The installed version of ``dist``, or "absent" (for the stamp of a results table)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"

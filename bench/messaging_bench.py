@@ -57,6 +57,7 @@ from bench.common import (
     count_rows,
     databases,
     delete_queues,
+    package_version,
     percentile,
     postgres_version,
     prefill,
@@ -710,12 +711,7 @@ async def rss_child(spec: dict[str, Any]) -> dict[str, int]:
 
 
 def versions(rabbit: str, postgres: str) -> str:
-    def v(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "absent"
-
+    v = package_version
     return (
         f"Python {platform.python_version()}, aio-pika {v('aio-pika')}, aiormq {v('aiormq')}, "
         f"SQLAlchemy {v('sqlalchemy')}, SQLModel {v('sqlmodel')}, aiosqlite {v('aiosqlite')}, "

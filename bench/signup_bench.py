@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -66,7 +65,15 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from bench.common import Clock, Events, Row, percentile, rabbitmq_version, results_table
+from bench.common import (
+    Clock,
+    Events,
+    Row,
+    package_version,
+    percentile,
+    rabbitmq_version,
+    results_table,
+)
 from tests.stack import SIGNUP_SERVICES, MailSink, Stack, queue_names
 from tributary.messaging.testing import delete_prefixed
 from tributary.messaging.topology import QUORUM, Names
@@ -1165,12 +1172,7 @@ async def profile(url: str, plan: Plan, services: Iterable[str], keep: str = "")
 
 
 def versions(rabbit: str) -> str:
-    def v(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "absent"
-
+    v = package_version
     return (
         f"Python {platform.python_version()}, FastAPI {v('fastapi')}, uvicorn {v('uvicorn')}, "
         f"uvloop {v('uvloop')}, SQLAlchemy {v('sqlalchemy')}, SQLModel {v('sqlmodel')}, "

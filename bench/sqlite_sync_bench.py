@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import importlib.metadata
 import os
 import platform
 import sqlite3
@@ -40,6 +39,7 @@ from bench.common import (
     Row,
     count_rows,
     databases,
+    package_version,
     prefill,
     rabbitmq_version,
     results_table,
@@ -258,12 +258,7 @@ def filesystem(path: Path) -> str:
 
 
 def stamp(rabbit: str, tmp: Path) -> str:
-    def v(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "absent"
-
+    v = package_version
     return (
         f"Python {platform.python_version()}, aio-pika {v('aio-pika')}, SQLAlchemy "
         f"{v('sqlalchemy')}, aiosqlite {v('aiosqlite')}, SQLite {sqlite3.sqlite_version}; "

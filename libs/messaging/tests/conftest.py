@@ -36,8 +36,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     await drop_postgres_database(server.url, name)
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+async def prepared_engine(database_url: str) -> AsyncEngine:
+    """An engine on ``database_url`` with the runtime's tables and ``test_things``."""
     engine = create_engine(database_url)
     await create_runtime_tables(engine)
     async with engine.begin() as conn:
@@ -46,6 +46,12 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
                 c, tables=[SQLModel.metadata.tables["test_things"]]
             )
         )
+    return engine
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = await prepared_engine(database_url)
     yield engine
     await engine.dispose()
 

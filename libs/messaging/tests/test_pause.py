@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlmodel import SQLModel
 
 from tributary.contracts.envelope import CloudEvent
 from tributary.contracts.events import UserCreatedV2
 from tributary.messaging import consumer as consumer_module
 from tributary.messaging import headers
 from tributary.messaging.bus import Bus
-from tributary.messaging.db import create_engine, create_runtime_tables
 from tributary.messaging.testing import (
     OutcomeRecorder,
     isolated_settings,
@@ -32,7 +30,7 @@ from tributary.messaging.uow import UnitOfWork
 from tributary.testkit.nodes import PostgresNode
 from tributary.testkit.waiting import eventually
 
-from .conftest import Thing
+from .conftest import Thing, prepared_engine
 from .helpers import publish_events, queues_of, things_count, user_created
 
 pytestmark = pytest.mark.broker
@@ -42,18 +40,6 @@ SERVICE = "pausing"
 
 async def write_thing(event: CloudEvent[UserCreatedV2], uow: UnitOfWork) -> None:
     uow.session.add(Thing(event_id=event.id, user_id=event.data.user_id))
-
-
-async def prepared_engine(url: str) -> AsyncEngine:
-    engine = create_engine(url)
-    await create_runtime_tables(engine)
-    async with engine.begin() as conn:
-        await conn.run_sync(
-            lambda c: SQLModel.metadata.create_all(
-                c, tables=[SQLModel.metadata.tables["test_things"]]
-            )
-        )
-    return engine
 
 
 async def test_a_database_outage_pauses_consumption_and_dead_letters_nothing(
