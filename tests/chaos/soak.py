@@ -167,7 +167,11 @@ async def _soak(env: ChaosEnv, stack: Stack, plan: list[Fault], out: Outcome, sa
     progress = asyncio.create_task(_progress(load, stack, out, started, say))
     try:
         await _drive(env, plan, out, started, say)
-        env.ensure_running()
+        try:  # after a fault that could not be undone: every service runs for the checks
+            if restarted := await asyncio.to_thread(env.ensure_running):
+                out.findings.problems.append(f"not running after the faults: {restarted}")
+        except Exception as exc:
+            out.findings.problems.append(f"a service does not start: {exc}"[:2000])
         # the faults are over: the rest of the load gets a bounded time (then it is cancelled)
         await asyncio.wait([load_task], timeout=profile.load_timeout)
     finally:
