@@ -86,19 +86,7 @@ class ChaosEnv:
 
     @staticmethod
     async def _postgres_databases(node: PostgresNode) -> dict[str, str]:
-        """One database per service, on a server whose acknowledged commits survive a kill."""
-        import asyncpg  # type: ignore[import-untyped]
-
-        # The private node runs with synchronous_commit=off (fast tests): a SIGKILL of the server
-        # then loses commits it already acknowledged, which no production setting does and which
-        # the soak would report as lost events. fsync may stay off: a killed server is a process
-        # crash, and the OS keeps what was written.
-        conn = await asyncpg.connect(node.url.replace("postgresql+asyncpg://", "postgresql://"))
-        try:
-            await conn.execute("ALTER SYSTEM SET synchronous_commit = 'on'")
-            await conn.execute("SELECT pg_reload_conf()")
-        finally:
-            await conn.close()
+        """One database per service (the node keeps acknowledged commits across a kill)."""
         token = uuid.uuid4().hex[:6]
         return {n: await node.create_database(f"chaos_{n}_{token}") for n in SIGNUP_SERVICES}
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -20,7 +21,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from tributary.messaging.bus import Bus, Handlers
 from tributary.messaging.db import create_engine, session_factory
-from tributary.messaging.faults import brief
+from tributary.messaging.errors import InfrastructureError
+from tributary.messaging.faults import brief, database_failure
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.uow import UnitOfWork
 from tributary.observability.metrics import ServiceMetrics
@@ -102,6 +104,8 @@ def create_app(spec: ServiceSpec) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    for kind in (OSError, SQLAlchemyError, InfrastructureError):
+        app.add_exception_handler(kind, _unavailable)
     app.add_middleware(CorrelationMiddleware)
     instrument_app(app)  # outermost: the server span covers the correlation middleware
     app.include_router(health_router())
@@ -109,6 +113,21 @@ def create_app(spec: ServiceSpec) -> FastAPI:
     for router in spec.routers:
         app.include_router(router)
     return app
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A request that failed because the database (or broker) is down: 503 with Retry-After.
+
+    Anything else is a bug: re-raised, so it stays a 500 with its traceback in the log.
+    """
+    if not (isinstance(exc, InfrastructureError) or database_failure(exc, connecting=True)):
+        raise exc
+    log.warning("dependency unavailable on %s %s: %s", request.method, request.url.path, brief(exc))
+    return JSONResponse(
+        {"detail": "the service's database or broker is unavailable; retry later"},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
 
 
 def health_router() -> APIRouter:
