@@ -133,7 +133,8 @@ async def test_outbox_replay_reaches_only_the_named_service_marked_as_replay(
     assert capsys.readouterr().out.strip() == (
         f"replay outbox user.created -> {settings.name_prefix}{TARGET}.events: selected 2, "
         "republished 2, duplicate unknown (the consumer's inbox counts already-processed "
-        "events as duplicates), failed 0, skipped 1 (not yet published: the relay delivers them)"
+        "events as duplicates), failed 0, skipped 1 (not yet published: the relay delivers "
+        "them, or parked: see eventctl outbox parked)"
     )
     assert [c.event_id for c in bystander.calls] == [live["id"]]
     replayed = [c for c in target.calls if c.event_id in {v1, v2}]

@@ -53,7 +53,8 @@ def outbox_summary(types: Sequence[str], target: str, counts: Counts, *, dry_run
         f"selected {counts.selected}, {republished}, "
         "duplicate unknown (the consumer's inbox counts already-processed events as duplicates), "
         f"failed {counts.failed}, "
-        f"skipped {counts.skipped} (not yet published: the relay delivers them)"
+        f"skipped {counts.skipped} (not yet published: the relay delivers them, or parked: "
+        "see eventctl outbox parked)"
     )
 
 
