@@ -391,7 +391,9 @@ async def test_a_migration_refuses_to_run_while_the_service_consumes(
     finally:
         await bus.stop()
     assert code == 2
-    assert "stop every instance of 'mover'" in capsys.readouterr().err
+    # refused by the plan (rabbitmqctl's consumer count) or, when that count lags, by the
+    # passive declare just before the queue would be deleted
+    assert "stop every instance of" in capsys.readouterr().err
     assert node.arguments()[queues(old).work]["x-delivery-limit"] == OLD_LIMIT
 
 

@@ -236,6 +236,7 @@ class Migration:
         lock = await self._lock()
         await self._publisher.open()
         try:
+            await self._refuse_if_consumed([qs.work, *qs.retries])
             declarer = Declarer(self._connection)
             try:
                 # the marker: a service refuses to start while it exists
@@ -254,6 +255,19 @@ class Migration:
             await lock.close()  # the lock queue goes with its channel's connection, or now:
             async with self._channel() as channel:
                 await channel.queue_delete(self._lock_name)
+
+    async def _refuse_if_consumed(self, names: list[str]) -> None:
+        """The broker's own consumer count, before anything moves (rabbitmqctl's may lag)."""
+        for name in names:
+            if not await self._exists(name):
+                continue
+            async with self._channel() as channel:
+                declared = await channel.declare_queue(name, passive=True)
+            if declared.declaration_result.consumer_count:
+                raise MigrationBlocked(
+                    f"consumers are attached to {name}: stop every instance of "
+                    f"{self.target.queues.consumer!r} first"
+                )
 
     async def _lock(self) -> AbstractChannel:
         """An exclusive queue: a second migration of the same set fails instead of interleaving."""
@@ -344,7 +358,10 @@ class Migration:
                 declared = await channel.declare_queue(queue, passive=True)
                 result = declared.declaration_result
                 if result.consumer_count:
-                    raise MigrationBlocked(f"a consumer attached to {queue}; stop it and run again")
+                    raise MigrationBlocked(
+                        f"consumers are attached to {queue}: stop every instance of its "
+                        "service first, then run again"
+                    )
                 if result.message_count:
                     continue  # one arrived since the move
                 deleted = await channel.queue_delete(queue)
