@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import os
+import subprocess
 import tempfile
 import time
 import uuid
@@ -349,3 +351,18 @@ def package_version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "absent"
+
+
+def run_stamp() -> str:
+    """Commit, UTC time and load average: which code made the figures, and how busy it was."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+        if dirty.stdout.strip():
+            commit += " (with uncommitted changes)"
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"commit {commit}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, load average {load}"

@@ -43,6 +43,7 @@ from bench.common import (
     prefill,
     rabbitmq_version,
     results_table,
+    run_stamp,
 )
 from bench.messaging_bench import SERVICE, Topology, on_user_created
 from tributary.contracts.events import UserCreatedV2
@@ -272,6 +273,7 @@ async def main(args: argparse.Namespace) -> None:
     with ExitStack() as infra:
         url = find_rabbitmq(infra).url
         async with databases("") as dbs:  # SQLite only: no PostgreSQL server needed
+            say(run_stamp())
             say(stamp(await rabbitmq_version(url), dbs.tmp))
             say(f"N = {n:,} (bare database {n_raw:,}, per-message commits {n_single:,})")
             bench = SyncBench(url, dbs)
