@@ -163,6 +163,8 @@ class ManagementApi:
         parts = urlsplit(url)
         source = parts if parts.username else urlsplit(credentials_from or "")
         user, password = unquote(source.username or "guest"), unquote(source.password or "guest")
+        if parts.scheme not in ("", "http", "https"):
+            raise AdminError(f"management API URL must be http(s), not {parts.scheme}:")
         netloc = parts.hostname or "127.0.0.1"
         if parts.port:
             netloc = f"{netloc}:{parts.port}"
@@ -171,11 +173,12 @@ class ManagementApi:
         self._auth = f"Basic {token}"
 
     def _get_sync(self, path: str) -> Any:
-        request = urllib.request.Request(
+        # the base URL is http(s) only (checked in __init__): no file: or custom schemes
+        request = urllib.request.Request(  # noqa: S310
             self._base + path, headers={"Authorization": self._auth, "Accept": "application/json"}
         )
         try:
-            with urllib.request.urlopen(request, timeout=COMMAND_TIMEOUT) as response:
+            with urllib.request.urlopen(request, timeout=COMMAND_TIMEOUT) as response:  # noqa: S310
                 return json.load(response)
         except urllib.error.HTTPError as exc:
             raise AdminError(f"management API GET {path}: HTTP {exc.code} {exc.reason}") from None

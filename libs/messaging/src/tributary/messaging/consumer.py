@@ -383,7 +383,8 @@ class QueueConsumer:
     async def _probe(self, component: str) -> None:
         while not self._stopping:
             self._backoff = min(max(self._backoff * 2, 0.2), self._settings.pause_probe_max_seconds)
-            await asyncio.sleep(self._backoff * random.uniform(0.8, 1.2))
+            jitter = random.uniform(0.8, 1.2)  # noqa: S311 (spreads retries; not a secret)
+            await asyncio.sleep(self._backoff * jitter)
             try:
                 if component == "database":
                     await self._probe_database()

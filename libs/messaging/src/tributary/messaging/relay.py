@@ -138,7 +138,7 @@ class _Backoff:
         self._delay = first
 
     def next(self) -> float:
-        delay = self._delay * (0.5 + random.random())
+        delay = self._delay * (0.5 + random.random())  # noqa: S311 (jitter, not a secret)
         self._delay = min(self._delay * 2, self._cap)
         return delay
 
@@ -423,7 +423,7 @@ class OutboxRelay:
                     async with self._sessions() as session, session.begin():
                         tally = await self._record(session, rows, results)
                 return tally
-            except Exception:
+            except Exception:  # noqa: S112 (logged and counted by _step; the loop retries)
                 continue
 
     def _count(self, tally: _Tally) -> None:

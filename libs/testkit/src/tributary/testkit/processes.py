@@ -49,7 +49,8 @@ class ServiceProcess:
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/health/ready", timeout=2) as response:
+            ready = f"{self.url}/health/ready"  # http://127.0.0.1:<port>, built by this class
+            with urllib.request.urlopen(ready, timeout=2) as response:  # noqa: S310
                 return bool(response.status == 200)
         except OSError:
             return False
