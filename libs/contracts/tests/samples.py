@@ -37,6 +37,10 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "new_email": "ada.lovelace@example.org",
         "changed_at": "2026-01-02T09:30:00Z",
     },
+    "user.erased.v1": {
+        "user_id": USER_ID,
+        "erased_at": "2026-01-09T11:00:00Z",
+    },
     "role.changed.v1": {
         "user_id": USER_ID,
         "old_role": "member",

@@ -107,6 +107,16 @@ class UserEmailChangedV1(Payload):
     changed_at: Timestamp
 
 
+class UserErasedV1(Payload):
+    """A user's personal data was erased (GDPR Art. 17); carries no personal data itself."""
+
+    event_type: ClassVar[str] = "user.erased"
+    version: ClassVar[int] = 1
+
+    user_id: UserId
+    erased_at: Timestamp
+
+
 class RoleChangedV1(Payload):
     """A user's role changed; ``changed_by`` is absent when the system changed it."""
 
@@ -263,6 +273,7 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
         UserCreatedV1,
         UserCreatedV2,
         UserEmailChangedV1,
+        UserErasedV1,
         RoleChangedV1,
         ApiKeyRevokedV1,
         SubscriptionActivatedV1,
