@@ -28,6 +28,7 @@ from tributary.messaging.uow import UnitOfWork
 from tributary.observability.metrics import ServiceMetrics
 from tributary.observability.tracing import instrument_app, instrument_engine, setup_tracing
 from tributary.service import migrations
+from tributary.service.auth import AuthSettings, JwksClient, KeySource, Verifier, public
 from tributary.service.correlation import CorrelationMiddleware
 from tributary.service.settings import ServiceSettings
 
@@ -51,6 +52,8 @@ class ServiceSpec:
     startup: Startup | None = None
     """Extra resources (SMTP clients...) entered on the lifespan's exit stack."""
     description: str = ""
+    key_source: Callable[[FastAPI], KeySource] | None = None
+    """Where token signing keys come from, built once the engine exists; None: identity's JWKS."""
 
 
 async def _start_bus(bus: Bus) -> None:
@@ -82,6 +85,14 @@ def create_app(spec: ServiceSpec) -> FastAPI:
             stack.push_async_callback(engine.dispose)
             app.state.engine = engine
             app.state.sessions = session_factory(engine)
+            auth_settings = AuthSettings()
+            if spec.key_source is not None:
+                source = spec.key_source(app)
+            else:  # fetched on the first request that needs it: start-up never waits for identity
+                jwks = JwksClient(auth_settings.jwks_url)
+                stack.push_async_callback(jwks.aclose)
+                source = jwks
+            app.state.auth = Verifier(source, auth_settings)
             if spec.startup is not None:
                 await spec.startup(stack, app)
             bus = Bus(
@@ -109,7 +120,7 @@ def create_app(spec: ServiceSpec) -> FastAPI:
     app.add_middleware(CorrelationMiddleware)
     instrument_app(app)  # outermost: the server span covers the correlation middleware
     app.include_router(health_router())
-    app.include_router(metrics.router())
+    app.include_router(metrics.router(), dependencies=[public()])
     for router in spec.routers:
         app.include_router(router)
     return app
@@ -131,7 +142,7 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 
 def health_router() -> APIRouter:
-    router = APIRouter(tags=["health"])
+    router = APIRouter(tags=["health"], dependencies=[public()])
 
     @router.get("/health/live")
     async def live() -> dict[str, str]:
