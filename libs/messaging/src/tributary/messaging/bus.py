@@ -19,6 +19,7 @@ from tributary.messaging.consumer import (
     Subscription,
 )
 from tributary.messaging.db import session_factory
+from tributary.messaging.erasure import PersonMatcher, SweepCounts, sweep_queue
 from tributary.messaging.publisher import Publisher
 from tributary.messaging.relay import OutboxRelay
 from tributary.messaging.settings import MessagingSettings
@@ -146,6 +147,7 @@ class Bus:
                     on_commit=self.relay.notify,
                     listeners=self.listeners,
                     broker_ready=self.publishing_ready,
+                    sweeper=self.sweep_dead_letters,
                 )
                 await consumer.start(self._connection)
                 self.consumers.append(consumer)
@@ -172,7 +174,23 @@ class Bus:
     def unit_of_work(self) -> UnitOfWork:
         """A unit of work for request handlers; committing wakes the relay."""
         on_commit = self.relay.notify if self.relay is not None else None
-        return UnitOfWork(self._sessions(), f"/services/{self.service}", on_commit=on_commit)
+        return UnitOfWork(
+            self._sessions(),
+            f"/services/{self.service}",
+            on_commit=on_commit,
+            sweeper=self.sweep_dead_letters,
+        )
+
+    async def sweep_dead_letters(self, matcher: PersonMatcher) -> SweepCounts:
+        """Remove the messages about one person from every dead-letter queue of this service
+        (its own and its command queues'), putting the others back; see
+        :func:`tributary.messaging.erasure.sweep_queue`."""
+        if self._connection is None or self.publisher is None:
+            raise RuntimeError(f"{self.service}: the bus is not started")
+        counts = SweepCounts()
+        for qs, _subs in self._queue_sets():
+            counts += await sweep_queue(self._connection, self.publisher, qs.dlq, matcher)
+        return counts
 
     async def queue_depths(self, queues: list[str]) -> dict[str, int]:
         """Ready messages per queue (passive declares on a short-lived channel)."""

@@ -56,6 +56,7 @@ from tributary.contracts.upcasting import NoUpcastPath, UpcastFailed, upcast
 from tributary.contracts.validation import SchemaViolation, validate
 from tributary.messaging import context, headers
 from tributary.messaging.db import InboxRow, is_sqlite, session_factory, utcnow
+from tributary.messaging.erasure import Sweeper
 from tributary.messaging.errors import (
     DlqReason,
     HandlerTimeout,
@@ -138,8 +139,10 @@ class QueueConsumer:
         on_commit: Callable[[], None],
         listeners: list[OutcomeListener],
         broker_ready: Callable[[], bool] = lambda: True,
+        sweeper: Sweeper | None = None,
     ) -> None:
         self.service = service
+        self._sweeper = sweeper
         self.queues = queues
         self._subs = dict(subscriptions)
         self._sessions = session_factory(engine)
@@ -639,7 +642,7 @@ class QueueConsumer:
                     if seen is not None:
                         outcomes.append("duplicate" if seen == p.digest else "conflict")
                         continue
-                    uow = UnitOfWork(session, self._source)
+                    uow = UnitOfWork(session, self._source, sweeper=self._sweeper)
                     started = time.perf_counter()
                     try:
                         with self._scope(p, attempt):

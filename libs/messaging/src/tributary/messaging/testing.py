@@ -17,6 +17,7 @@ import aio_pika
 
 from tributary.messaging.bus import Bus
 from tributary.messaging.consumer import Outcome, OutcomeRecord
+from tributary.messaging.erasure import PersonMatcher, SweepCounts
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.topology import Names
 
@@ -105,6 +106,23 @@ class OutcomeRecorder:
 
     async def wait_for_count(self, outcome: Outcome, n: int, *, timeout: float = 60.0) -> None:
         await self.wait(lambda: self.count(outcome) >= n, timeout=timeout, what=f"{n} {outcome}")
+
+
+class SweepRecorder:
+    """A dead-letter sweeper for handler tests (``UnitOfWork(..., sweeper=SweepRecorder())``):
+    records whom it was asked to sweep for, touches no broker."""
+
+    def __init__(self) -> None:
+        self.matchers: list[PersonMatcher] = []
+
+    async def __call__(self, matcher: PersonMatcher) -> SweepCounts:
+        self.matchers.append(matcher)
+        return SweepCounts()
+
+    @property
+    def swept(self) -> list[tuple[str, ...]]:
+        """The user id and strings of each sweep, in order."""
+        return [m.texts for m in self.matchers]
 
 
 @dataclass

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -15,6 +16,13 @@ from tributary.contracts.events import Payload
 from tributary.contracts.validation import validate
 from tributary.messaging import context
 from tributary.messaging.db import OutboxRow
+from tributary.messaging.erasure import (
+    DEFAULT_CHUNK,
+    PersonMatcher,
+    SweepCounts,
+    Sweeper,
+    purge_outbox,
+)
 
 
 class Outbox:
@@ -69,6 +77,16 @@ class Outbox:
         return event
 
 
+@dataclass(frozen=True)
+class Erased:
+    """What :meth:`UnitOfWork.erase_person` removed from the runtime's stores."""
+
+    outbox: int
+    """Outbox rows deleted (in the unit of work's transaction)."""
+    dead_letters: SweepCounts
+    """What the sweep of the service's dead-letter queues did."""
+
+
 class UnitOfWork:
     """``async with uow: …; await uow.commit()`` — state and outbox commit together.
 
@@ -80,10 +98,39 @@ class UnitOfWork:
         session: AsyncSession,
         source: str,
         on_commit: Callable[[], Any] | None = None,
+        *,
+        sweeper: Sweeper | None = None,
     ) -> None:
         self.session = session
         self.outbox = Outbox(session, source)
         self._on_commit = on_commit
+        self._sweeper = sweeper
+
+    async def purge_person_from_outbox(
+        self, user_id: str, *, also: Iterable[str] = (), chunk: int = DEFAULT_CHUNK
+    ) -> int:
+        """Delete this service's outbox rows that mention the person (their user id or one
+        of ``also``, e.g. addresses), ``user.erased`` rows excepted, in this transaction."""
+        return await purge_outbox(self.session, PersonMatcher(user_id, also), chunk=chunk)
+
+    async def erase_person(
+        self, user_id: str, *, also: Iterable[str] = (), chunk: int = DEFAULT_CHUNK
+    ) -> Erased:
+        """Erase the person from the runtime's stores: sweep the service's dead-letter queues,
+        then purge its outbox in this transaction (see :mod:`tributary.messaging.erasure`).
+
+        Pass every address or other identifying string the service knows for the person in
+        ``also`` (at least six characters each; names are better left out, another person
+        may share one). The sweep runs first, before the transaction writes anything, so it
+        holds no lock; a broker failure raises :class:`InfrastructureError`: the delivery
+        is kept and handled again, so the erasure is retried, never skipped.
+        """
+        if self._sweeper is None:
+            raise RuntimeError("this unit of work has no dead-letter sweeper (not from a bus)")
+        matcher = PersonMatcher(user_id, also)
+        swept = await self._sweeper(matcher)
+        purged = await purge_outbox(self.session, matcher, chunk=chunk)
+        return Erased(outbox=purged, dead_letters=swept)
 
     @property
     def suppress_side_effects(self) -> bool:
