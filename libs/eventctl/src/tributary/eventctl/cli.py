@@ -2,7 +2,7 @@
 
 Commands are grouped (``eventctl <group> <command>``): ``contracts check``, ``dlq list``,
 ``dlq replay``, ``dlq archive``, ``replay outbox``, ``queue show``, ``queue migrate``,
-``outbox parked`` and ``outbox resend``.
+``outbox parked``, ``outbox resend`` and ``erase``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from tributary.contracts.compat import (
     materialize_ref,
 )
 from tributary.eventctl.commands import add_dlq_commands, add_replay_commands
+from tributary.eventctl.erase import add_erase_command
 from tributary.eventctl.outbox import add_outbox_commands
 from tributary.eventctl.queue_commands import add_queue_commands
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_commands(groups)
     add_queue_commands(groups)
     add_outbox_commands(groups)
+    add_erase_command(groups)
     return parser
 
 
