@@ -27,7 +27,7 @@ from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.uow import UnitOfWork
 from tributary.observability.metrics import ServiceMetrics
 from tributary.observability.tracing import instrument_app, instrument_engine, setup_tracing
-from tributary.service import migrations
+from tributary.service import limits, migrations, problems
 from tributary.service.auth import AuthSettings, JwksClient, KeySource, Verifier, public
 from tributary.service.correlation import CorrelationMiddleware
 from tributary.service.settings import ServiceSettings
@@ -75,6 +75,7 @@ def create_app(spec: ServiceSpec) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            stack.push_async_callback(limits.close, app)
             if spec.migrations is not None:
                 await migrations.upgrade(spec.migrations, spec.settings.database_url)
             engine = create_engine(spec.settings.database_url)
@@ -117,6 +118,8 @@ def create_app(spec: ServiceSpec) -> FastAPI:
     )
     for kind in (OSError, SQLAlchemyError, InfrastructureError):
         app.add_exception_handler(kind, _unavailable)
+    limits.install(app)  # innermost middleware: a body over the limit is refused unread
+    problems.install(app)  # every error as problem details, inside the correlation id
     app.add_middleware(CorrelationMiddleware)
     instrument_app(app)  # outermost: the server span covers the correlation middleware
     app.include_router(health_router())
@@ -134,11 +137,9 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     if not (isinstance(exc, InfrastructureError) or database_failure(exc, connecting=True)):
         raise exc
     log.warning("dependency unavailable on %s %s: %s", request.method, request.url.path, brief(exc))
-    return JSONResponse(
-        {"detail": "the service's database or broker is unavailable; retry later"},
-        status_code=503,
-        headers={"Retry-After": "5"},
-    )
+    return problems.unavailable(
+        "The service's database or broker is unavailable; retry later.", retry_after=5
+    ).response()
 
 
 def health_router() -> APIRouter:
