@@ -207,7 +207,11 @@ def _expected_environment(name: str) -> set[str]:
         "OTEL_EXPORTER_OTLP_PROTOCOL",
         "OTEL_TRACES_SAMPLER",
     }
-    return names | {"SMTP_HOST", "SMTP_PORT"} if name == "email" else names
+    if name == "email":
+        return names | {"SMTP_HOST", "SMTP_PORT"}
+    if name == "identity":  # rate-limit counts shared by its replicas
+        return names | {"REDIS_URL"}
+    return names
 
 
 def _settings_class(name: str) -> Any:
@@ -253,9 +257,11 @@ def test_settings_read_the_compose_environment(
     services: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tributary.messaging.settings import MessagingSettings
+    from tributary.service.limits import LimitSettings
 
     settings_class = _settings_class(name)
     environment = _environment(services[name])
+    monkeypatch.delenv("REDIS_URL", raising=False)
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
 
@@ -266,6 +272,7 @@ def test_settings_read_the_compose_environment(
     assert MessagingSettings().rabbitmq_url == environment["RABBITMQ_URL"]
     if name == "email":
         assert (settings.smtp_host, settings.smtp_port) == ("mailpit", 1025)
+    assert LimitSettings().redis_url == environment.get("REDIS_URL")
 
 
 @pytest.mark.parametrize("name", DEV_NAMES)
@@ -288,6 +295,10 @@ def test_each_service_reaches_the_infrastructure_it_is_given(
     if name == "email":
         assert environment["SMTP_HOST"] == "mailpit"
         assert int(environment["SMTP_PORT"]) in _published(services["mailpit"])
+    if "REDIS_URL" in environment:
+        redis = urlsplit(environment["REDIS_URL"])
+        assert (redis.scheme, redis.hostname, redis.port) == ("redis", "redis", 6379)
+        assert services["redis"]["image"].startswith("redis:7")
 
 
 @pytest.mark.parametrize("name", DEV_NAMES)
@@ -311,6 +322,8 @@ def test_each_service_waits_for_healthy_dependencies(services: dict[str, Any], n
     assert {"rabbitmq", "postgres"} <= healthy
     if name == "email":
         assert "mailpit" in healthy
+    if name == "identity":
+        assert "redis" in healthy
     for dependency in healthy:
         assert services[dependency]["healthcheck"]["test"], f"{dependency} has no check"
 
