@@ -6,7 +6,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 
-.PHONY: help sync test lint fmt contracts dev demo demo-down compose-check bench chaos
+.PHONY: help sync test lint fmt contracts dev token demo demo-down compose-check bench chaos
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ contracts: sync  ## regenerate contracts/asyncapi.yaml from the catalog
 
 dev: sync  ## every service as a local process (needs RABBITMQ_URL or a local broker)
 	$(RUN) python scripts/dev.py
+
+token:  ## print an admin access token (TOKEN=$$(make -s token); needs make dev running)
+	@python3 scripts/token.py
 
 demo:  ## the whole stack in Docker: docker compose up --build
 	docker compose up --build

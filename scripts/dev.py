@@ -3,17 +3,23 @@
 Starts a development SMTP sink when ``SMTP_HOST`` is unset, prefixes each process's output
 with its name, waits until every ``/health/ready`` answers, and stops everything on Ctrl-C or
 SIGTERM. The environment is forwarded to every process.
+
+Authentication: identity registers ``BOOTSTRAP_ADMIN_API_KEY`` as an owner's API key. When it
+is unset, one is generated once into ``var/bootstrap-admin-api-key`` (mode 0600) and reused,
+and the way to turn it into a bearer token is printed when every service is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 # name, port: the fixed local ports of the README
 SERVICES: list[tuple[str, int]] = [
@@ -24,6 +30,26 @@ SERVICES: list[tuple[str, int]] = [
 ]
 COLORS = ["\033[36m", "\033[32m", "\033[35m", "\033[33m", "\033[34m", "\033[31m", "\033[37m"]
 RESET = "\033[0m"
+
+
+KEY_FILE = Path("var/bootstrap-admin-api-key")
+
+
+def bootstrap_key(env: dict[str, str]) -> str:
+    """The admin API key identity registers at start-up: from the env, else var/, else new."""
+    if key := env.get("BOOTSTRAP_ADMIN_API_KEY"):
+        return key
+    if KEY_FILE.exists():
+        return KEY_FILE.read_text().strip()
+    key = f"trib_{secrets.token_urlsafe(32)}"
+    KEY_FILE.touch(mode=0o600)
+    KEY_FILE.write_text(key + "\n")
+    return key
+
+
+HOW_TO_CALL = """dev        | admin API key: {where} (the built-in admin user, role owner)
+dev        | a token:  TOKEN=$(make -s token)   (scripts/token.py: client-credentials grant)
+dev        | then:     curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8004/audit"""
 
 
 @dataclass
@@ -44,7 +70,8 @@ async def _spawn(name: str, color: str, *argv: str, env: dict[str, str]) -> Chil
     process = await asyncio.create_subprocess_exec(
         *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
-    assert process.stdout is not None
+    if process.stdout is None:  # not possible with stdout=PIPE; keeps the type checker sure
+        raise RuntimeError(f"{name}: no output pipe")
     return Child(name, process, asyncio.create_task(_pump(name, color, process.stdout)))
 
 
@@ -61,6 +88,8 @@ async def main() -> int:
     env.setdefault("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
     env.setdefault("PYTHONUNBUFFERED", "1")
     os.makedirs("var", exist_ok=True)
+    from_env = "BOOTSTRAP_ADMIN_API_KEY" in env
+    env["BOOTSTRAP_ADMIN_API_KEY"] = bootstrap_key(env)
     children: list[Child] = []
     if not env.get("SMTP_HOST"):
         env["SMTP_HOST"], env["SMTP_PORT"] = "127.0.0.1", env.get("SMTP_PORT", "1025")
@@ -108,6 +137,8 @@ async def main() -> int:
         else:
             await asyncio.sleep(0.5)
     if not stop.is_set():
+        where = "$BOOTSTRAP_ADMIN_API_KEY" if from_env else str(KEY_FILE)
+        print(HOW_TO_CALL.format(where=where), flush=True)
         print("dev        | all services ready; Ctrl-C stops them", flush=True)
         waiters = [asyncio.create_task(c.process.wait()) for c in children]
         stopper = asyncio.create_task(stop.wait())

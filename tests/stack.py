@@ -7,7 +7,10 @@ sink (aiosmtpd) receives the mail and a real OTLP receiver the spans.
 from __future__ import annotations
 
 import json
+import secrets
+import time
 import uuid
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
@@ -60,6 +63,10 @@ class Stack:
     otlp: OtlpReceiver | None = None
     services: dict[str, ServiceProcess] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
+    admin_key: str = field(default_factory=lambda: f"trib_{secrets.token_urlsafe(32)}")
+    """Registered by identity at start-up (``BOOTSTRAP_ADMIN_API_KEY``) for the built-in owner."""
+    ports: dict[str, int] = field(default_factory=dict)
+    _token: tuple[str, float] | None = None
 
     def env_for(self, name: str, port: int) -> dict[str, str]:
         upper = name.upper()
@@ -75,7 +82,14 @@ class Stack:
             "SMTP_PORT": str(self.mail.port),
             "LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
+            "BOOTSTRAP_ADMIN_API_KEY": self.admin_key,
+            # one machine signs hundreds of users up from one address: limits out of the way
+            "TRIBUTARY_RATE_SIGNUP": "100000/minute",
+            "TRIBUTARY_RATE_TOKEN": "100000/minute",
+            "TRIBUTARY_RATE_WRITES": "100000/minute",
         }
+        if "identity" in self.ports:  # every service verifies tokens with identity's keys
+            values["TRIBUTARY_AUTH_ISSUER"] = f"http://127.0.0.1:{self.ports['identity']}"
         if self.otlp is not None:
             values.update(
                 OTEL_EXPORTER_OTLP_ENDPOINT=self.otlp.endpoint,
@@ -90,7 +104,9 @@ class Stack:
 
     def start(self, names: tuple[str, ...] = SIGNUP_SERVICES) -> None:
         for name in names:
-            port = free_port()
+            self.ports.setdefault(name, free_port())
+        for name in names:
+            port = self.ports[name]
             process = ServiceProcess(
                 name, port, self.env_for(name, port), self.workdir / f"{name}.log"
             )
@@ -111,11 +127,40 @@ class Stack:
     def url(self, name: str) -> str:
         return self.services[name].url
 
-    def client(self, name: str) -> httpx.Client:
-        return httpx.Client(base_url=self.url(name), timeout=10)
+    def admin_token(self) -> str:
+        """A bearer token of the built-in owner (every scope), renewed a minute before expiry."""
+        if self._token is None or self._token[1] < time.monotonic() + 60:
+            form = {"grant_type": "client_credentials", "client_secret": self.admin_key}
+            with httpx.Client(base_url=self.url("identity"), timeout=10) as client:
+                answer = client.post("/oauth/token", data=form)
+            answer.raise_for_status()
+            body = answer.json()
+            self._token = (body["access_token"], time.monotonic() + body["expires_in"])
+        return self._token[0]
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token()}"}
+
+    def auth(self) -> httpx.Auth:
+        """For long-lived clients (sync or async): a current owner's token on every request."""
+        return _AdminAuth(self)
+
+    def client(self, name: str, *, admin: bool = True) -> httpx.Client:
+        """A client of one service, sending the owner's token unless ``admin=False``."""
+        auth = self.auth() if admin and "identity" in self.services else None
+        return httpx.Client(base_url=self.url(name), timeout=10, auth=auth)
 
     def logs(self) -> str:
         return "\n".join(p.log_text() for p in self.services.values())
+
+
+class _AdminAuth(httpx.Auth):
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self.stack.admin_token()}"
+        yield request
 
 
 def get_json(stack: Stack, service: str, path: str, **params: Any) -> Any:

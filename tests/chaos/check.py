@@ -125,7 +125,9 @@ class Checker:
 
     def client(self, service: str) -> httpx.AsyncClient:
         if service not in self._clients:
-            self._clients[service] = httpx.AsyncClient(base_url=self.stack.url(service), timeout=30)
+            self._clients[service] = httpx.AsyncClient(
+                base_url=self.stack.url(service), timeout=30, auth=self.stack.auth()
+            )
         return self._clients[service]
 
     async def aclose(self) -> None:
