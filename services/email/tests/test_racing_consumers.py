@@ -40,7 +40,8 @@ async def engine(postgres: Found) -> AsyncIterator[AsyncEngine]:
     name = f"t_email_{uuid.uuid4().hex[:12]}"
     url = await create_postgres_database(postgres.url, name)
     engine = create_engine(url)
-    tables = [SQLModel.metadata.tables[t] for t in ("emails", "recipients")] + RUNTIME_TABLES
+    names = ("emails", "recipients", "welcome_sends", "tributary_erased_users")
+    tables = [SQLModel.metadata.tables[t] for t in names] + RUNTIME_TABLES
     async with engine.begin() as conn:
         await conn.run_sync(lambda c: SQLModel.metadata.create_all(c, tables=tables))
     yield engine

@@ -21,6 +21,18 @@ exists, and the mail is sent again -- with the **same Message-ID**, so a receivi
 mail client that deduplicates on it shows it once. Closing the window would need the SMTP
 server to take part in our transaction, which it cannot.
 
+**One welcome per address per window.** Before a welcome email is sent, a keyed hash (HMAC with
+the service's address key) of the normalised address is looked up in ``welcome_sends``: an
+address that got a welcome within ``EMAIL_WELCOME_WINDOW_HOURS`` (24 h) gets none now -- the
+email is recorded as ``suppressed`` and nothing is emitted. Signing up, erasing and signing up
+again cannot mail an address over and over. The table holds hashes only, so it survives erasure.
+
+**Erasure** (``user.erased``): the user's ``recipients`` row goes, the records of their emails
+(by user id, or sent to one of their addresses) keep their logical key -- so nothing is ever
+sent twice -- but lose the address (``to`` becomes ``[erased]``) and the error text; the outbox
+and the DLQs lose what mentions them; the user id is remembered, and later events about the
+user (reordered, retried, replayed) send and store nothing.
+
 Failures: a transient SMTP error (connection refused, timeout, 4xx) is raised, so the runtime
 retries it in-process, then through the delayed-retry queues, then dead-letters it. A
 permanent one (5xx to the recipient or the content) is an outcome, not an error: the row is
@@ -29,12 +41,16 @@ recorded as ``failed`` and ``email.failed.v1`` (``permanent: true``) is emitted.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
 
-from sqlalchemy import or_, update
+from sqlalchemy import delete, func, or_, update
 from sqlmodel import col, select
 
 from tributary.contracts.envelope import Event
@@ -46,16 +62,29 @@ from tributary.contracts.events import (
     Template,
     UserCreatedV2,
     UserEmailChangedV1,
+    UserErasedV1,
 )
 from tributary.email.mailer import PermanentSmtpError, Sender
-from tributary.email.models import EmailRecord, Recipient, email_id_for, message_id_for
+from tributary.email.models import (
+    ERASED_ADDRESS,
+    EmailRecord,
+    Recipient,
+    WelcomeSend,
+    email_id_for,
+    message_id_for,
+)
 from tributary.email.templates import render
 from tributary.messaging import context
 from tributary.messaging.bus import Handlers
 from tributary.messaging.db import as_utc, now
+from tributary.messaging.erasure import MIN_LENGTH, remember_erased, was_erased
 from tributary.messaging.uow import UnitOfWork
 
 log = logging.getLogger("tributary.email")
+
+
+DEVELOPMENT_ADDRESS_KEY = b"tributary-development-address-key"
+"""Used when ``EMAIL_ADDRESS_KEY`` is not set (a warning is logged): never in production."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +93,10 @@ class Delivery:
 
     mailer: Sender
     from_address: str
+    address_key: bytes = DEVELOPMENT_ADDRESS_KEY
+    """The HMAC key of the address hashes the welcome window keeps."""
+    welcome_window: timedelta = timedelta(hours=24)
+    """At most one welcome email per address in this time; zero: no limit."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +110,38 @@ class Outgoing:
     body: str
     locale: str
     user_id: str | None = None
+
+
+Gate = Callable[[Outgoing, UnitOfWork, Delivery], Awaitable[bool]]
+"""Decides, once the logical key is known to be new, whether the email may go out now."""
+
+
+def address_hash(address: str, key: bytes) -> str:
+    """HMAC-SHA256 (hex) of the normalised address: the same mailbox whatever the case."""
+    normalised = address.strip().lower()
+    return hmac.new(key, normalised.encode(), hashlib.sha256).hexdigest()
+
+
+async def welcome_window_open(mail: Outgoing, uow: UnitOfWork, delivery: Delivery) -> bool:
+    """True (and the address's welcome claimed for now) unless the address got a welcome
+    within the window. The claim is in the handler's transaction: a send that fails and is
+    retried claims nothing; two deliveries claiming one address at once serialise on the row
+    (the loser fails, is retried and finds the window closed)."""
+    if delivery.welcome_window <= timedelta(0):
+        return True
+    digest = address_hash(mail.to, delivery.address_key)
+    stamp = now()
+    query = select(WelcomeSend).where(col(WelcomeSend.address_hash) == digest).with_for_update()
+    last = (await uow.session.exec(query)).first()
+    if last is None:
+        uow.session.add(WelcomeSend(address_hash=digest, last_sent_at=stamp))
+    elif as_utc(last.last_sent_at) > stamp - delivery.welcome_window:
+        return False
+    else:
+        last.last_sent_at = stamp
+        uow.session.add(last)
+    await uow.session.flush()
+    return True
 
 
 class RecipientNotYetKnown(Exception):
@@ -105,8 +170,14 @@ def compose(mail: Outgoing, from_address: str, message_id: str) -> EmailMessage:
     return message
 
 
-async def deliver(mail: Outgoing, uow: UnitOfWork, delivery: Delivery) -> None:
-    """Send ``mail`` unless its logical key was sent (or failed for good) before."""
+async def deliver(
+    mail: Outgoing, uow: UnitOfWork, delivery: Delivery, *, gate: Gate | None = None
+) -> None:
+    """Send ``mail`` unless its logical key was sent (or failed for good) before.
+
+    ``gate``: asked once the key is new; when it says no, the email is recorded as
+    ``suppressed`` (so the key is settled for good) and nothing is sent or emitted.
+    """
     email_id = email_id_for(mail.logical_key)
     if replayed(uow, mail.template):
         return
@@ -116,18 +187,26 @@ async def deliver(mail: Outgoing, uow: UnitOfWork, delivery: Delivery) -> None:
     if known.first() is not None:
         log.info("%s email %s was handled before: not sent again", mail.template, email_id)
         return
+    allowed = gate is None or await gate(mail, uow, delivery)
     record = EmailRecord(
         id=email_id,
         logical_key=mail.logical_key,
         message_id=message_id_for(mail.logical_key),
         to=mail.to,
         template=mail.template,
-        status="sending",
+        status="sending" if allowed else "suppressed",
         user_id=mail.user_id,
         correlation_id=context.current().correlation_id,
     )
     uow.session.add(record)
     await uow.session.flush()  # claims the logical key before anything leaves the building
+    if not allowed:
+        log.info(
+            "%s email %s suppressed: its address had one within the window",
+            mail.template,
+            record.id,
+        )
+        return
     try:
         await delivery.mailer.send(compose(mail, delivery.from_address, record.message_id))
     except PermanentSmtpError as exc:
@@ -182,6 +261,9 @@ async def remember_recipient(user: UserCreatedV2, uow: UnitOfWork) -> Recipient:
 
 async def on_user_created(event: Event[UserCreatedV2], uow: UnitOfWork, delivery: Delivery) -> None:
     user = event.data
+    if await was_erased(uow.session, user.user_id):
+        log.info("user.created for erased user %s: nothing stored or sent", user.user_id)
+        return
     recipient = await remember_recipient(user, uow)  # a projection, rebuilt on replay too
     text = render("welcome", user.locale, {"given_name": user.given_name})
     mail = Outgoing(
@@ -193,7 +275,7 @@ async def on_user_created(event: Event[UserCreatedV2], uow: UnitOfWork, delivery
         locale=user.locale,
         user_id=user.user_id,
     )
-    await deliver(mail, uow, delivery)
+    await deliver(mail, uow, delivery, gate=welcome_window_open)
 
 
 async def on_subscription_activated(
@@ -201,6 +283,9 @@ async def on_subscription_activated(
 ) -> None:
     subscription = event.data
     if replayed(uow, "subscription_activated"):
+        return
+    if await was_erased(uow.session, subscription.user_id):
+        log.info("subscription mail for erased user %s: not sent", subscription.user_id)
         return
     recipient = await uow.session.get(Recipient, subscription.user_id)
     if recipient is None:
@@ -225,6 +310,9 @@ async def on_subscription_activated(
 async def on_email_send(event: Event[EmailSendV1], uow: UnitOfWork, delivery: Delivery) -> None:
     command = event.data
     if replayed(uow, command.template):
+        return
+    if await was_erased(uow.session, command.user_id):
+        log.info("email.send for erased user %s: not sent", command.user_id)
         return
     recipient = await uow.session.get(Recipient, command.user_id) if command.user_id else None
     variables = dict(command.variables or {})
@@ -251,6 +339,8 @@ async def on_user_email_changed(event: Event[UserEmailChangedV1], uow: UnitOfWor
     strictly later change replaces it; an equal one is a redelivery and changes nothing.
     """
     change = event.data
+    if await was_erased(uow.session, change.user_id):
+        return  # the address of an erased user is not kept, whatever its time
     # existence first: a row created after a conditional UPDATE missed it would read as stale
     if await uow.session.get(Recipient, change.user_id) is None:
         raise RecipientNotYetKnown(
@@ -273,6 +363,40 @@ async def on_user_email_changed(event: Event[UserEmailChangedV1], uow: UnitOfWor
         )
 
 
+async def on_user_erased(event: Event[UserErasedV1], uow: UnitOfWork) -> None:
+    """Forget the user's addresses everywhere this service keeps them (see the module doc).
+
+    Never suppressed on replay: an erasure is not a side effect to skip. Handled again, it
+    finds nothing left to change.
+    """
+    user_id = event.data.user_id
+    recipient = await uow.session.get(Recipient, user_id)
+    sent_to = select(EmailRecord.to).where(col(EmailRecord.user_id) == user_id)
+    addresses = set((await uow.session.exec(sent_to)).all())
+    if recipient is not None:
+        addresses.add(recipient.email)
+    addresses.discard(ERASED_ADDRESS)
+    # the sweep first: it holds no database lock while the broker is read
+    erased = await uow.erase_person(
+        user_id, also=sorted(a for a in addresses if len(a) >= MIN_LENGTH)
+    )
+    mine = col(EmailRecord.user_id) == user_id
+    if addresses:  # also mail to the address without the user id (email.send commands)
+        mine = or_(mine, func.lower(col(EmailRecord.to)).in_(sorted(a.lower() for a in addresses)))
+    anonymised = await uow.session.exec(
+        update(EmailRecord).where(mine).values(to=ERASED_ADDRESS, error=None)
+    )
+    await uow.session.exec(delete(Recipient).where(col(Recipient.user_id) == user_id))
+    await remember_erased(uow.session, user_id)
+    log.info(
+        "user %s erased: %d email record(s) anonymised, %d outbox row(s), %d dead letter(s)",
+        user_id,
+        anonymised.rowcount or 0,
+        erased.outbox,
+        erased.dead_letters.removed,
+    )
+
+
 def event_handlers(delivery: Delivery) -> Handlers:
     async def user_created(event: Event[UserCreatedV2], uow: UnitOfWork) -> None:
         await on_user_created(event, uow, delivery)
@@ -286,6 +410,7 @@ def event_handlers(delivery: Delivery) -> Handlers:
         UserCreatedV2: user_created,
         SubscriptionActivatedV1: subscription_activated,
         UserEmailChangedV1: on_user_email_changed,
+        UserErasedV1: on_user_erased,
     }
 
 

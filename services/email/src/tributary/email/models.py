@@ -31,7 +31,8 @@ class EmailBase(SQLModel):
     to: str = Field(max_length=254, index=True)
     template: str = Field(max_length=40)
     status: str = Field(max_length=10)
-    """``sent`` or ``failed``; ``sending`` exists only inside the transaction that sends."""
+    """``sent``, ``failed`` or ``suppressed`` (a welcome to an address that had one within the
+    window); ``sending`` exists only inside the transaction that sends."""
     user_id: str | None = Field(default=None, max_length=60, index=True)
     correlation_id: str | None = Field(default=None, max_length=200)
     error: str | None = Field(default=None, max_length=500)
@@ -64,3 +65,19 @@ class Recipient(SQLModel, table=True):
     email_changed_at: datetime | None = Field(default=None, sa_type=UtcDateTime, nullable=True)
     """``changed_at`` of the user.email_changed that ``email`` comes from (none: from
     user.created); an address change not later than this is older news and is ignored."""
+
+
+class WelcomeSend(SQLModel, table=True):
+    """When an address last got a welcome email, by a keyed hash of the address (never the
+    address itself): sign-up cannot be used to mail one address again and again. It outlives
+    the erasure of the users who had the address, holding nothing that identifies them."""
+
+    __tablename__ = "welcome_sends"
+
+    address_hash: str = Field(primary_key=True, max_length=64)
+    """HMAC-SHA256 (hex) of the normalised address, with the service's address key."""
+    last_sent_at: datetime = Field(sa_type=UtcDateTime, nullable=False)
+
+
+ERASED_ADDRESS = "[erased]"
+"""What ``to`` becomes in the records of an erased user's emails."""

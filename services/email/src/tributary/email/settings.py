@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from tributary.service.settings import ServiceSettings
 
@@ -17,3 +17,10 @@ class Settings(ServiceSettings):
     smtp_from: str = Field(
         default="Tributary <no-reply@tributary.dev>", validation_alias="SMTP_FROM"
     )
+    welcome_window_hours: float = Field(
+        default=24.0, ge=0, validation_alias="EMAIL_WELCOME_WINDOW_HOURS"
+    )
+    """An address gets at most one welcome email in this many hours (0: no limit)."""
+    address_key: SecretStr | None = Field(default=None, validation_alias="EMAIL_ADDRESS_KEY")
+    """Key of the HMAC that stands in for an address where one must be remembered (the welcome
+    window). Set it in production; unset, a development key is used and a warning logged."""
