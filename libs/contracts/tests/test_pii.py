@@ -1,3 +1,6 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
 from tributary.contracts.pii import hash_value, mask_payload, mask_value, scrub_text
 
 
@@ -5,7 +8,22 @@ def test_an_email_keeps_its_first_letter_and_domain() -> None:
     assert mask_value("ada@example.com") == "a***@example.com"
     assert mask_value("Ada Lovelace") == "A***"
     assert mask_value("") == ""
+    assert mask_value("Q") == "***"  # its first letter would be all of it
     assert mask_value(None) is None
+
+
+_NO_STARS = st.characters(exclude_characters="*", exclude_categories=["Cs"])
+
+
+@given(name=st.text(_NO_STARS, min_size=1, max_size=60))
+def test_a_masked_name_never_contains_the_name(name: str) -> None:
+    assert name not in mask_value(name)
+
+
+@given(local=st.text(_NO_STARS, min_size=1, max_size=30), domain=st.text(_NO_STARS, max_size=30))
+def test_a_masked_address_never_contains_the_address(local: str, domain: str) -> None:
+    address = f"{local}@{domain}"
+    assert address not in mask_value(address)
 
 
 def test_x_pii_fields_are_masked_and_others_kept() -> None:

@@ -14,7 +14,12 @@ _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 
 
 def mask_value(value: Any) -> Any:
-    """``ada@example.com`` → ``a***@example.com``; other text → first letter + ``***``."""
+    """``ada@example.com`` → ``a***@example.com``; other text → first letter + ``***``.
+
+    A masked value never contains the value itself: an address loses its local part but its
+    first letter, and a text of one character, which its first letter would show whole, keeps
+    nothing (``***``).
+    """
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, dict):
@@ -25,6 +30,8 @@ def mask_value(value: Any) -> Any:
     local, at, domain = text.partition("@")
     if at and local:
         return f"{local[0]}***@{domain}"
+    if len(text) == 1:
+        return "***"
     return f"{text[0]}***" if text else ""
 
 
