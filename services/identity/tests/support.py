@@ -115,13 +115,27 @@ def sign_up_body(**overrides: Any) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def identity_service(rabbitmq_url: str, database_url: str) -> AsyncIterator[Identity]:
-    """The real app (migrations, bus, consumers) on an isolated topology of the real broker."""
+async def identity_service(
+    rabbitmq_url: str,
+    database_url: str,
+    *,
+    settings: Settings | None = None,
+    trust_test_tokens: bool = True,
+) -> AsyncIterator[Identity]:
+    """The real app (migrations, bus, consumers) on an isolated topology of the real broker.
+
+    ``trust_test_tokens=False``: the app verifies tokens with its own signing keys only, and
+    the client sends no token (token tests).
+    """
     messaging = isolated_settings(rabbitmq_url)
-    app = create_app(Settings(database_url=database_url, port=0), messaging)
+    settings = (settings or Settings()).model_copy(update={"database_url": database_url, "port": 0})
+    app = create_app(settings, messaging)
     names = Names(messaging.name_prefix)
     try:
-        async with capture(rabbitmq_url, names) as broker, running(app) as client:
+        async with (
+            capture(rabbitmq_url, names) as broker,
+            running(app, trust_test_tokens=trust_test_tokens) as client,
+        ):
             outcomes = OutcomeRecorder()
             app.state.bus.listeners.append(outcomes)
             yield Identity(app, client, broker, outcomes, rabbitmq_url)

@@ -30,9 +30,10 @@ KeyIdPath = Annotated[str, Path(max_length=60, examples=["key_0123456789abcdef01
     responses=error_responses(404, 422),
 )
 async def create_api_key(
-    uow: UowDep, user_id: UserIdPath, body: ApiKeyCreate | None = None
+    uow: UowDep, user_id: UserIdPath, response: Response, body: ApiKeyCreate | None = None
 ) -> ApiKeyIssued:
     """Issue an API key. The `secret` is in this answer only: just its hash is kept."""
+    response.headers["Cache-Control"] = "no-store"  # the answer carries a secret
     if await uow.session.get(User, user_id) is None:
         raise user_not_found(user_id)
     key, secret = ApiKey.issue(user_id, body.name if body else None)

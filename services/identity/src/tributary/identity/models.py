@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Text
 from sqlmodel import Field, SQLModel
 
 from tributary.messaging.db import UtcDateTime, now
@@ -85,6 +87,14 @@ class ApiKey(SQLModel, table=True):
         return key, secret
 
 
+SECRET_FORMAT = re.compile(r"trib_[A-Za-z0-9_-]{43}")
+"""What :meth:`ApiKey.issue` makes: ``trib_`` and 32 random bytes, base64url."""
+
+
+def looks_like_secret(value: str) -> bool:
+    return SECRET_FORMAT.fullmatch(value) is not None
+
+
 def hash_secret(secret: str) -> str:
     # A plain SHA-256 is enough here, unlike for passwords: the secret carries 256 random bits,
     # so there is nothing to guess or look up in a dictionary, and a slow KDF (scrypt, PBKDF2)
@@ -106,3 +116,24 @@ class Subscription(SQLModel, table=True):
     def id_for_payment(payment_id: str) -> str:
         """Derived from the payment: a redelivered payment can only ever activate this one."""
         return f"sub_{hashlib.sha256(payment_id.encode()).hexdigest()[:20]}"
+
+
+class SigningKey(SQLModel, table=True):
+    """An Ed25519 key that signs access tokens; the newest unretired generation is the active one.
+
+    ``generation`` is unique: of two replicas inserting the same generation at once only one
+    wins; at start-up the other uses the winner's key instead of making a second one.
+    """
+
+    __tablename__ = "signing_keys"
+
+    kid: str = Field(primary_key=True, max_length=64)
+    """The RFC 7638 thumbprint of the public key: ``kid`` in every token header it signs."""
+    generation: int = Field(unique=True)
+    private_key_pem: str | None = Field(default=None, sa_type=Text, nullable=True)
+    """PKCS#8 PEM; erased when the key is retired (it signs nothing any more)."""
+    public_jwk: str = Field(sa_type=Text)
+    """The JWK (JSON) published in the JWKS while the key is not retired."""
+    created_at: datetime = _timestamp()
+    activated_at: datetime = _timestamp()
+    retired_at: datetime | None = _timestamp(nullable=True)
