@@ -213,6 +213,21 @@ async def test_erase_sweeps_every_dlq_and_rewrites_the_archives(
     assert listed == {others[1]["id"], others[2]["id"]}
 
 
+@pytest.mark.broker
+async def test_a_file_that_is_not_an_archive_but_mentions_the_person_fails_the_command(
+    settings: MessagingSettings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text(f"call {ADDRESS}\n")
+    (tmp_path / "other.txt").write_text("nothing about anyone\n")
+    argv = ["erase", "--user", PERSON, "--also", ADDRESS, "--archive", str(tmp_path)]
+    assert await eventctl(settings, *argv) == 1
+    out = capsys.readouterr()
+    assert "notes.txt" in out.err
+    assert "mentions the person" in out.err
+    assert "other.txt: line 1 is not JSON (not changed)" in out.out
+    assert (tmp_path / "notes.txt").read_text() == f"call {ADDRESS}\n"
+
+
 async def test_erase_refuses_what_is_not_a_user_id_or_too_short(
     settings: MessagingSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -268,7 +268,15 @@ async def erase_command(args: argparse.Namespace) -> int:
         try:
             result = rewrite_archive(path, matcher, dry_run=args.dry_run)
         except NotAnArchive as exc:
-            print(f"erase archive {exc} (not changed)")
+            if matcher.in_bytes(path.read_bytes()):
+                failed += 1
+                print(
+                    f"erase archive {exc}, and it mentions the person: not changed, "
+                    "handle it by hand",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"erase archive {exc} (not changed)")
             continue
         except OSError as exc:
             failed += 1
