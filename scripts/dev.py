@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import signal
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import admin_key  # scripts/admin_key.py, beside this file
 
 # name, port: the fixed local ports of the README
 SERVICES: list[tuple[str, int]] = [
@@ -30,21 +32,6 @@ SERVICES: list[tuple[str, int]] = [
 ]
 COLORS = ["\033[36m", "\033[32m", "\033[35m", "\033[33m", "\033[34m", "\033[31m", "\033[37m"]
 RESET = "\033[0m"
-
-
-KEY_FILE = Path("var/bootstrap-admin-api-key")
-
-
-def bootstrap_key(env: dict[str, str]) -> str:
-    """The admin API key identity registers at start-up: from the env, else var/, else new."""
-    if key := env.get("BOOTSTRAP_ADMIN_API_KEY"):
-        return key
-    if KEY_FILE.exists():
-        return KEY_FILE.read_text().strip()
-    key = f"trib_{secrets.token_urlsafe(32)}"
-    KEY_FILE.touch(mode=0o600)
-    KEY_FILE.write_text(key + "\n")
-    return key
 
 
 HOW_TO_CALL = """dev        | admin API key: {where} (the built-in admin user, role owner)
@@ -89,7 +76,7 @@ async def main() -> int:
     env.setdefault("PYTHONUNBUFFERED", "1")
     os.makedirs("var", exist_ok=True)
     from_env = "BOOTSTRAP_ADMIN_API_KEY" in env
-    env["BOOTSTRAP_ADMIN_API_KEY"] = bootstrap_key(env)
+    env["BOOTSTRAP_ADMIN_API_KEY"] = admin_key.for_dev()
     children: list[Child] = []
     if not env.get("SMTP_HOST"):
         env["SMTP_HOST"], env["SMTP_PORT"] = "127.0.0.1", env.get("SMTP_PORT", "1025")
@@ -137,7 +124,7 @@ async def main() -> int:
         else:
             await asyncio.sleep(0.5)
     if not stop.is_set():
-        where = "$BOOTSTRAP_ADMIN_API_KEY" if from_env else str(KEY_FILE)
+        where = "$BOOTSTRAP_ADMIN_API_KEY" if from_env else str(admin_key.DEV_FILE)
         print(HOW_TO_CALL.format(where=where), flush=True)
         print("dev        | all services ready; Ctrl-C stops them", flush=True)
         waiters = [asyncio.create_task(c.process.wait()) for c in children]

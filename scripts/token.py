@@ -1,7 +1,8 @@
 """``make token``: print an access token for the bootstrap admin key (for curl in the README).
 
-The key comes from ``BOOTSTRAP_ADMIN_API_KEY`` or the file ``make dev`` writes it to; identity
-from ``IDENTITY_URL`` (default http://127.0.0.1:8001). ``SCOPE`` narrows the token's scopes.
+The key comes from ``BOOTSTRAP_ADMIN_API_KEY``, else the file ``make dev`` keeps it in, else
+``.env`` (``make demo``); identity from ``IDENTITY_URL`` (default http://127.0.0.1:8001).
+``SCOPE`` narrows the token's scopes.
 Standard library only: it is the same client-credentials request curl would send.
 """
 
@@ -13,17 +14,14 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
-KEY_FILE = Path("var/bootstrap-admin-api-key")
+import admin_key  # scripts/admin_key.py, beside this file
 
 
 def main() -> int:
-    key = os.environ.get("BOOTSTRAP_ADMIN_API_KEY") or (
-        KEY_FILE.read_text().strip() if KEY_FILE.exists() else ""
-    )
+    key = admin_key.find()
     if not key:
-        print("no BOOTSTRAP_ADMIN_API_KEY and no var/bootstrap-admin-api-key", file=sys.stderr)
+        print("no BOOTSTRAP_ADMIN_API_KEY, var/bootstrap-admin-api-key or .env", file=sys.stderr)
         return 2
     form = {"grant_type": "client_credentials", "client_secret": key}
     if scope := os.environ.get("SCOPE"):

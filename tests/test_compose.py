@@ -206,11 +206,12 @@ def _expected_environment(name: str) -> set[str]:
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_PROTOCOL",
         "OTEL_TRACES_SAMPLER",
+        "TRIBUTARY_AUTH_ISSUER",
     }
     if name == "email":
         return names | {"SMTP_HOST", "SMTP_PORT"}
-    if name == "identity":  # rate-limit counts shared by its replicas
-        return names | {"REDIS_URL"}
+    if name == "identity":  # rate-limit counts shared by its replicas; the built-in owner's key
+        return names | {"REDIS_URL", "BOOTSTRAP_ADMIN_API_KEY"}
     return names
 
 
@@ -257,13 +258,17 @@ def test_settings_read_the_compose_environment(
     services: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tributary.messaging.settings import MessagingSettings
+    from tributary.service.auth import AuthSettings
     from tributary.service.limits import LimitSettings
 
     settings_class = _settings_class(name)
     environment = _environment(services[name])
     monkeypatch.delenv("REDIS_URL", raising=False)
     for key, value in environment.items():
-        monkeypatch.setenv(key, value)
+        if value.startswith("${"):  # filled in by Compose from .env when it runs
+            monkeypatch.setenv(key, "")
+        else:
+            monkeypatch.setenv(key, value)
 
     settings = settings_class()
     assert settings.host == "0.0.0.0"
@@ -273,6 +278,7 @@ def test_settings_read_the_compose_environment(
     if name == "email":
         assert (settings.smtp_host, settings.smtp_port) == ("mailpit", 1025)
     assert LimitSettings().redis_url == environment.get("REDIS_URL")
+    assert AuthSettings().issuer == "http://identity:8001"
 
 
 @pytest.mark.parametrize("name", DEV_NAMES)
