@@ -234,8 +234,9 @@ async def test_bad_query_parameters_are_rejected_naming_the_parameter(
 ) -> None:
     response = await audit.client.get("/audit", params=params)
     assert response.status_code == 422
-    [error] = response.json()["detail"]
-    assert error["loc"] == ["query", field]
+    assert response.headers["content-type"] == "application/problem+json"
+    [error] = response.json()["errors"]
+    assert error["field"] == f"query.{field}"
 
 
 async def test_a_redelivered_event_is_recorded_once(audit: Audit) -> None:

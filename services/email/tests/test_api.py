@@ -141,13 +141,13 @@ async def test_a_sign_up_is_mailed_once_and_shows_up_in_the_api(
         assert one.json()["message_id"] == mail["Message-ID"]
         assert (await svc.client.get("/emails", params={"to": "x@example.com"})).json() == []
         missing = await svc.client.get("/emails/eml_nope00000")
-        assert (missing.status_code, missing.json()["detail"]) == (
-            404,
-            "no email with email_id eml_nope00000",
-        )
+        assert missing.status_code == 404
+        assert missing.headers["content-type"] == "application/problem+json"
+        assert missing.json()["detail"] == "There is no email eml_nope00000."
+        assert missing.json()["errors"][0]["field"] == "path.email_id"
         no_to = await svc.client.get("/emails")
         assert no_to.status_code == 422
-        assert no_to.json()["detail"][0]["loc"] == ["query", "to"]
+        assert no_to.json()["errors"][0]["field"] == "query.to"
 
 
 async def test_the_same_sign_up_delivered_five_times_sends_one_mail(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ from tributary.messaging.testing import (
     publish_raw,
 )
 from tributary.messaging.topology import Names, declare_exchanges
+from tributary.service.limits import RateLimiter
 from tributary.service.testing import running
 
 
@@ -114,6 +115,9 @@ def sign_up_body(**overrides: Any) -> dict[str, Any]:
     }
 
 
+GENEROUS_RATES = {"signup": "100000/minute", "token": "100000/minute", "writes": "100000/minute"}
+
+
 @asynccontextmanager
 async def identity_service(
     rabbitmq_url: str,
@@ -121,6 +125,7 @@ async def identity_service(
     *,
     settings: Settings | None = None,
     trust_test_tokens: bool = True,
+    rates: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Identity]:
     """The real app (migrations, bus, consumers) on an isolated topology of the real broker.
 
@@ -130,6 +135,9 @@ async def identity_service(
     messaging = isolated_settings(rabbitmq_url)
     settings = (settings or Settings()).model_copy(update={"database_url": database_url, "port": 0})
     app = create_app(settings, messaging)
+    # a test module signs dozens of users up from one address: limits out of the way, unless
+    # a test asks for its own (``rates={"signup": "2/hour"}``)
+    app.state.rate_limiter = RateLimiter(rates={**GENEROUS_RATES, **(rates or {})})
     names = Names(messaging.name_prefix)
     try:
         async with (

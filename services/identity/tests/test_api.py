@@ -66,16 +66,20 @@ async def test_an_invalid_sign_up_is_refused_naming_the_field(
     response = await identity.client.post("/users", json=sign_up_body(**{field: value}))
 
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body", field]
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["errors"][0]["field"] == f"body.{field}"
 
 
 async def test_an_unknown_user_is_not_found_naming_the_id(identity: Identity) -> None:
     response = await identity.client.get("/users/usr_nobody000000")
 
     assert response.status_code == 404
-    [problem] = response.json()["detail"]
-    assert problem["loc"] == ["path", "user_id"]
-    assert "usr_nobody000000" in problem["msg"]
+    problem = response.json()
+    assert problem["type"] == "https://tributary.dev/problems/not-found"
+    assert problem["errors"] == [
+        {"field": "path.user_id", "message": "no such user", "type": "not_found"}
+    ]
+    assert "usr_nobody000000" in problem["detail"]
 
 
 async def test_an_address_registered_before_in_any_letter_case_is_a_conflict(
@@ -87,8 +91,8 @@ async def test_an_address_registered_before_in_any_letter_case_is_a_conflict(
     )
 
     assert response.status_code == 409
-    assert response.json()["detail"] == [
-        {"loc": ["body", "email"], "msg": "is already registered", "type": "conflict"}
+    assert response.json()["errors"] == [
+        {"field": "body.email", "message": "is already registered", "type": "conflict"}
     ]
     assert first["email"].upper() not in response.text
 
@@ -108,7 +112,7 @@ async def test_a_sign_up_retried_with_its_idempotency_key_returns_the_same_user_
     assert (await identity.client.post("/users", json=body)).status_code == 409
     reused = await identity.client.post("/users", json={**body, "name": "Other"}, headers=key)
     assert reused.status_code == 422
-    assert reused.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert reused.json()["errors"][0]["field"] == "header.Idempotency-Key"
 
 
 async def test_concurrent_sign_ups_with_one_address_make_one_user(identity: Identity) -> None:
@@ -158,7 +162,7 @@ async def test_taking_another_users_address_is_a_conflict(identity: Identity) ->
     )
 
     assert response.status_code == 409
-    assert response.json()["detail"][0]["loc"] == ["body", "email"]
+    assert response.json()["errors"][0]["field"] == "body.email"
     assert (await identity.client.get(f"/users/{grace['id']}")).json()["email"] == grace["email"]
     assert await identity.events(grace["id"], "user.email_changed.v1") == []
 
@@ -169,8 +173,8 @@ async def test_an_update_refuses_null_and_read_only_fields_by_name(identity: Ide
     planned = await identity.client.patch(f"/users/{user['id']}", json={"plan": "pro"})
 
     assert nulled.status_code == planned.status_code == 422
-    assert nulled.json()["detail"][0]["loc"] == ["body", "name"]
-    assert planned.json()["detail"][0]["loc"] == ["body", "plan"]
+    assert nulled.json()["errors"][0]["field"] == "body.name"
+    assert planned.json()["errors"][0]["field"] == "body.plan"
 
 
 async def test_a_role_change_is_announced_once(identity: Identity) -> None:
@@ -183,9 +187,9 @@ async def test_a_role_change_is_announced_once(identity: Identity) -> None:
     [event] = await identity.events(user["id"], "role.changed.v1")
     assert (event["data"]["old_role"], event["data"]["new_role"]) == ("member", "admin")
     bad = await identity.client.put(f"/users/{user['id']}/role", json={"role": "god"})
-    assert (bad.status_code, bad.json()["detail"][0]["loc"]) == (422, ["body", "role"])
+    assert (bad.status_code, bad.json()["errors"][0]["field"]) == (422, "body.role")
     missing = await identity.client.put("/users/usr_nobody000000/role", json={"role": "admin"})
-    assert (missing.status_code, missing.json()["detail"][0]["loc"]) == (404, ["path", "user_id"])
+    assert (missing.status_code, missing.json()["errors"][0]["field"]) == (404, "path.user_id")
 
 
 async def test_api_keys_are_listed_without_secrets_and_revoked_once(identity: Identity) -> None:
@@ -224,7 +228,7 @@ async def test_api_keys_of_unknown_users_and_unknown_keys_are_not_found(
     assert (await identity.client.post("/users/usr_nobody000000/api-keys")).status_code == 404
     assert (await identity.client.get("/users/usr_nobody000000/api-keys")).status_code == 404
     response = await identity.client.delete("/api-keys/key_nobody000000")
-    assert (response.status_code, response.json()["detail"][0]["loc"]) == (404, ["path", "key_id"])
+    assert (response.status_code, response.json()["errors"][0]["field"]) == (404, "path.key_id")
 
 
 async def test_a_sign_up_reaches_the_exchange_as_a_cloudevent_with_the_callers_correlation_id(

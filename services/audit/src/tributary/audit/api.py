@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col, select
 
@@ -15,6 +15,7 @@ from tributary.audit.models import AuditEntry, AuditPage, Verification
 from tributary.contracts.catalog import NAMESPACE, CatalogError, catalog
 from tributary.messaging.db import as_utc
 from tributary.service.app import SessionDep
+from tributary.service.problems import invalid
 
 router = APIRouter(tags=["audit"])
 
@@ -24,8 +25,8 @@ MAX_SEQ = 2**63 - 1
 
 
 def _invalid(field: str, message: str) -> NoReturn:
-    """A 422 shaped like FastAPI's own validation errors, naming the query parameter."""
-    raise HTTPException(422, [{"type": "value_error", "loc": ["query", field], "msg": message}])
+    """A 422 problem naming the query parameter, like the validation of the others."""
+    raise invalid(f"query.{field}", message)
 
 
 def encode_cursor(seq: int) -> str:
@@ -53,7 +54,7 @@ def _type_filter(value: str) -> ColumnElement[bool]:
     except CatalogError:
         _invalid(
             "type",
-            f"{value!r} is neither a CloudEvents type, a routing key (user.created.v1) "
+            "is neither a CloudEvents type, a routing key (user.created.v1) "
             "nor an event type of the catalog",
         )
     return col(AuditEntry.type).in_([v.ce_type for v in spec.versions.values()])

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 from sqlmodel import col, select
 
 from tributary.email.models import EmailPublic, EmailRecord
 from tributary.service.app import SessionDep
+from tributary.service.problems import not_found
 
 router = APIRouter(tags=["emails"])
 
@@ -32,5 +33,7 @@ async def get_email(session: SessionDep, email_id: str) -> EmailRecord:
     """One email by its id (``eml_…``): status, Message-ID, and the error if it failed."""
     email = await session.get(EmailRecord, email_id)
     if email is None:
-        raise HTTPException(404, f"no email with email_id {email_id}")
+        raise not_found(
+            f"There is no email {email_id}.", field="path.email_id", message="no such email"
+        )
     return email

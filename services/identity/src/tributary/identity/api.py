@@ -6,24 +6,26 @@ import hashlib
 import logging
 from typing import Annotated, cast
 
-from fastapi import APIRouter, Header, Path, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tributary.contracts.events import Role, RoleChangedV1, UserCreatedV1, UserEmailChangedV1
-from tributary.identity.errors import FieldProblem, email_taken, user_not_found
+from tributary.identity.errors import email_taken, idempotency_key_reused, user_not_found
 from tributary.identity.models import SignUpKey, User, normalize_email
+from tributary.identity.rates import SIGN_UP, WRITES
 from tributary.identity.schemas import (
     RoleChange,
     UserCreate,
     UserPublic,
     UserUpdate,
-    error_responses,
 )
 from tributary.messaging.db import now
 from tributary.messaging.uow import UnitOfWork
 from tributary.service.app import SessionDep, UowDep
+from tributary.service.auth import InvalidToken, KeysUnavailable
+from tributary.service.problems import problem_responses, unavailable
 
 log = logging.getLogger("tributary.identity.api")
 router = APIRouter(tags=["users"])
@@ -39,6 +41,41 @@ IdempotencyKey = Annotated[
 ]
 
 
+async def caller(request: Request) -> str:
+    """Who is calling an open route: the subject of a valid bearer token, else ``public``.
+
+    ``request.state.principal`` when an auth dependency verified the token already; else a
+    bearer token sent anyway is verified here. An invalid one counts as none (the route is
+    open to all); keys that cannot be read are a 503, as on any authenticated route.
+    """
+    principal = getattr(request.state, "principal", None)
+    if principal is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            try:
+                principal = await request.app.state.auth.verify(token.strip())
+            except InvalidToken:
+                principal = None
+            except KeysUnavailable as exc:
+                raise unavailable(f"{exc}; retry later", retry_after=exc.retry_after) from None
+    subject = getattr(principal, "subject", None)
+    return str(subject) if subject else "public"
+
+
+def scoped_key(caller: str, key: str | None) -> str | None:
+    """How an ``Idempotency-Key`` is stored: ``<caller>:<SHA-256 of the key>``.
+
+    Scoped to the caller, so that nobody can replay, or learn of, another caller's key.
+    Hashed, so that any key up to the header's 200 characters fits the column with its
+    caller, and the key (which may hold anything, an address even) is not stored.
+    """
+    if key is None:
+        return None
+    if len(caller) > 100:
+        caller = hashlib.sha256(caller.encode()).hexdigest()
+    return f"{caller}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
 async def _email_owner(session: AsyncSession, email: str) -> User | None:
     query = select(User).where(col(User.email_normalized) == normalize_email(email))
     return (await session.exec(query)).first()
@@ -52,13 +89,7 @@ async def _replay(
     if earlier is None:
         return None
     if earlier.request_hash != request_hash:
-        raise FieldProblem(
-            422,
-            "header",
-            "Idempotency-Key",
-            "was already used with a different request body",
-            "idempotency_key_reused",
-        )
+        raise idempotency_key_reused()
     response.headers["Idempotent-Replayed"] = "true"
     return await session.get(User, earlier.user_id)
 
@@ -97,17 +128,24 @@ async def _register(
     "/users",
     status_code=201,
     response_model=UserPublic,
-    responses=error_responses(409, 422),
+    dependencies=[SIGN_UP],
+    responses=problem_responses(409, 422, 429),
 )
 async def create_user(
-    body: UserCreate, uow: UowDep, response: Response, idempotency_key: IdempotencyKey = None
+    body: UserCreate,
+    uow: UowDep,
+    request: Request,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
 ) -> User:
     """Sign a user up (role `member`) and announce it as `user.created.v1`.
 
     With an `Idempotency-Key` header a retry of the same request returns the same user (header
     `Idempotent-Replayed: true`) and announces nothing again; the key with another body is a
-    422. An email address already registered, in any letter case, is a 409.
+    422. An email address already registered, in any letter case, is a 409. Keys are scoped to
+    the caller (the bearer token's user, or every caller without one).
     """
+    idempotency_key = scoped_key(await caller(request), idempotency_key)
     request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     if (user := await _replay(uow.session, idempotency_key, request_hash, response)) is not None:
         return user
@@ -127,7 +165,7 @@ async def create_user(
     raise email_taken()
 
 
-@router.get("/users/{user_id}", response_model=UserPublic, responses=error_responses(404))
+@router.get("/users/{user_id}", response_model=UserPublic, responses=problem_responses(404))
 async def get_user(session: SessionDep, user_id: UserIdPath) -> User:
     """One user: profile, plan and role."""
     user = await session.get(User, user_id)
@@ -137,7 +175,10 @@ async def get_user(session: SessionDep, user_id: UserIdPath) -> User:
 
 
 @router.patch(
-    "/users/{user_id}", response_model=UserPublic, responses=error_responses(404, 409, 422)
+    "/users/{user_id}",
+    response_model=UserPublic,
+    responses=problem_responses(404, 409, 422, 429),
+    dependencies=[WRITES],
 )
 async def update_user(body: UserUpdate, uow: UowDep, user_id: UserIdPath) -> User:
     """Change a user's email, name or locale (fields left out stay as they are).
@@ -181,7 +222,12 @@ async def update_user(body: UserUpdate, uow: UowDep, user_id: UserIdPath) -> Use
     return user
 
 
-@router.put("/users/{user_id}/role", response_model=UserPublic, responses=error_responses(404, 422))
+@router.put(
+    "/users/{user_id}/role",
+    response_model=UserPublic,
+    responses=problem_responses(404, 422, 429),
+    dependencies=[WRITES],
+)
 async def change_role(body: RoleChange, uow: UowDep, user_id: UserIdPath) -> User:
     """Set a user's role: `member` (every new user), `admin` or `owner`.
 

@@ -11,11 +11,13 @@ from sqlmodel import col, select
 
 from tributary.contracts.events import ApiKeyRevokedV1
 from tributary.identity.api import UserIdPath
-from tributary.identity.errors import FieldProblem, user_not_found
+from tributary.identity.errors import key_not_found, user_not_found
 from tributary.identity.models import ApiKey, User
-from tributary.identity.schemas import ApiKeyCreate, ApiKeyIssued, ApiKeyPublic, error_responses
+from tributary.identity.rates import WRITES
+from tributary.identity.schemas import ApiKeyCreate, ApiKeyIssued, ApiKeyPublic
 from tributary.messaging.db import now
 from tributary.service.app import SessionDep, UowDep
+from tributary.service.problems import problem_responses
 
 log = logging.getLogger("tributary.identity.api_keys")
 router = APIRouter(tags=["api keys"])
@@ -27,7 +29,8 @@ KeyIdPath = Annotated[str, Path(max_length=60, examples=["key_0123456789abcdef01
     "/users/{user_id}/api-keys",
     status_code=201,
     response_model=ApiKeyIssued,
-    responses=error_responses(404, 422),
+    responses=problem_responses(404, 422, 429),
+    dependencies=[WRITES],
 )
 async def create_api_key(
     uow: UowDep, user_id: UserIdPath, response: Response, body: ApiKeyCreate | None = None
@@ -46,7 +49,7 @@ async def create_api_key(
 @router.get(
     "/users/{user_id}/api-keys",
     response_model=list[ApiKeyPublic],
-    responses=error_responses(404),
+    responses=problem_responses(404),
 )
 async def list_api_keys(session: SessionDep, user_id: UserIdPath) -> list[ApiKey]:
     """A user's API keys, oldest first, revoked ones included (with `revoked_at`); no secrets."""
@@ -64,7 +67,8 @@ async def list_api_keys(session: SessionDep, user_id: UserIdPath) -> list[ApiKey
     "/api-keys/{key_id}",
     status_code=204,
     response_class=Response,
-    responses=error_responses(404),
+    responses=problem_responses(404, 429),
+    dependencies=[WRITES],
 )
 async def revoke_api_key(uow: UowDep, key_id: KeyIdPath) -> None:
     """Revoke an API key and announce it as `api_key.revoked.v1`.
@@ -73,7 +77,7 @@ async def revoke_api_key(uow: UowDep, key_id: KeyIdPath) -> None:
     """
     key = await uow.session.get(ApiKey, key_id)
     if key is None:
-        raise FieldProblem(404, "path", "key_id", f"no API key {key_id}", "not_found")
+        raise key_not_found(key_id)
     if key.revoked_at is not None:
         return
     revoked_at = now()

@@ -25,6 +25,7 @@ from tributary.contracts.envelope import Event
 from tributary.contracts.events import UserErasedV1
 from tributary.identity.api import UserIdPath
 from tributary.identity.models import ApiKey, SignUpKey, Subscription, User
+from tributary.identity.rates import WRITES
 from tributary.messaging.bus import Handlers
 from tributary.messaging.db import now
 from tributary.messaging.uow import UnitOfWork
@@ -43,8 +44,8 @@ PERSON_ID = re.compile(r"usr_[A-Za-z0-9]{8,40}")
     "/users/{user_id}",
     status_code=204,
     response_class=Response,
-    responses=problem_responses(404, 409),
-    dependencies=[require("users:write", owner="user_id")],
+    responses=problem_responses(404, 409, 429),
+    dependencies=[require("users:write", owner="user_id"), WRITES],
 )
 async def erase_user(uow: UowDep, user_id: UserIdPath) -> None:
     """Erase a user and everything identity holds about them (GDPR Art. 17).

@@ -1,23 +1,33 @@
-"""4xx answers that say which field they are about, in the shape of FastAPI's 422."""
+"""Identity's problems (RFC 9457 problem details), each naming the field it is about.
+
+No email address, name or secret in any of them: error bodies end up in logs and traces.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
-
-from fastapi import HTTPException
-
-Where = Literal["body", "path", "header"]
+from tributary.service.problems import Problem, conflict, invalid, not_found
 
 
-class FieldProblem(HTTPException):
-    def __init__(self, status: int, where: Where, field: str, msg: str, kind: str) -> None:
-        super().__init__(status, detail=[{"loc": [where, field], "msg": msg, "type": kind}])
+def user_not_found(user_id: str) -> Problem:
+    return not_found(f"There is no user {user_id}.", field="path.user_id", message="no such user")
 
 
-def user_not_found(user_id: str) -> FieldProblem:
-    return FieldProblem(404, "path", "user_id", f"no user {user_id}", "not_found")
+def key_not_found(key_id: str) -> Problem:
+    return not_found(f"There is no API key {key_id}.", field="path.key_id", message="no such key")
 
 
-def email_taken() -> FieldProblem:
-    # the address itself is left out: error bodies end up in logs and traces
-    return FieldProblem(409, "body", "email", "is already registered", "conflict")
+def email_taken() -> Problem:
+    # the address itself is left out
+    return conflict(
+        "The email address is already registered.",
+        field="body.email",
+        message="is already registered",
+    )
+
+
+def idempotency_key_reused() -> Problem:
+    return invalid(
+        "header.Idempotency-Key",
+        "was already used with a different request body",
+        "idempotency_key_reused",
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import (
     AfterValidator,
@@ -96,20 +96,3 @@ class ApiKeyPublic(BaseModel):
 
 class ApiKeyIssued(ApiKeyPublic):
     secret: str = Field(description="Shown once: only its hash is stored.")
-
-
-class FieldError(BaseModel):
-    loc: list[str | int] = Field(description='Where: ["body", "email"], ["path", "user_id"]...')
-    msg: str
-    type: str
-
-
-class ErrorBody(BaseModel):
-    """The shape of every 4xx answer, the same as FastAPI's own validation errors."""
-
-    detail: list[FieldError]
-
-
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` entries documenting ``codes`` with the error body."""
-    return {code: {"model": ErrorBody} for code in codes}

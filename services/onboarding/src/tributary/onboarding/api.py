@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 from sqlmodel import col, select
 
 from tributary.onboarding.models import Workspace, WorkspacePublic
 from tributary.service.app import SessionDep
+from tributary.service.problems import not_found
 
 router = APIRouter(tags=["workspaces"])
 
@@ -25,5 +26,9 @@ async def list_workspaces(
 async def get_workspace(session: SessionDep, workspace_id: str) -> Workspace:
     workspace = await session.get(Workspace, workspace_id)
     if workspace is None:
-        raise HTTPException(404, f"no workspace {workspace_id}")
+        raise not_found(
+            f"There is no workspace {workspace_id}.",
+            field="path.workspace_id",
+            message="no such workspace",
+        )
     return workspace
