@@ -368,6 +368,26 @@ async def test_a_broker_failure_mid_sweep_loses_nothing_and_a_second_sweep_finis
     await publishing.close()
 
 
+async def test_a_bug_during_a_sweep_is_raised_as_it_is_and_leaves_every_message(
+    dlq: tuple[AbstractConnection, str],
+) -> None:
+    connection, queue = dlq
+    others = await _fill(connection, queue)
+    publisher = Publisher(connection)
+    await publisher.open()
+
+    class Broken(PersonMatcher):
+        def in_message(self, message: Any) -> bool:
+            raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):  # not an outage: the retry tiers, then the DLQ
+        await sweep_queue(connection, publisher, queue, Broken(PERSON))
+    left = await _drain(connection, queue)
+    assert len(left) == 17
+    assert set(others) <= {m.message_id for m in left}
+    await publisher.close()
+
+
 async def test_sweeping_a_queue_that_does_not_exist_says_so(
     dlq: tuple[AbstractConnection, str],
 ) -> None:

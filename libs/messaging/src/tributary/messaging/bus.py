@@ -19,7 +19,12 @@ from tributary.messaging.consumer import (
     Subscription,
 )
 from tributary.messaging.db import session_factory
-from tributary.messaging.erasure import PersonMatcher, SweepCounts, sweep_queue
+from tributary.messaging.erasure import (
+    DeadLetterQueueMissing,
+    PersonMatcher,
+    SweepCounts,
+    sweep_queue,
+)
 from tributary.messaging.publisher import Publisher
 from tributary.messaging.relay import OutboxRelay
 from tributary.messaging.settings import MessagingSettings
@@ -189,7 +194,10 @@ class Bus:
             raise RuntimeError(f"{self.service}: the bus is not started")
         counts = SweepCounts()
         for qs, _subs in self._queue_sets():
-            counts += await sweep_queue(self._connection, self.publisher, qs.dlq, matcher)
+            try:
+                counts += await sweep_queue(self._connection, self.publisher, qs.dlq, matcher)
+            except DeadLetterQueueMissing:  # deleted by hand: nothing in it to erase
+                log.warning("%s: no queue %s to sweep", self.service, qs.dlq)
         return counts
 
     async def queue_depths(self, queues: list[str]) -> dict[str, int]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
 from sqlalchemy import Boolean, Column, DateTime, String, bindparam, delete, not_, or_
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -327,11 +327,12 @@ async def _put_back(publisher: Publisher, queue: str, message: AbstractIncomingM
         await publisher.publish("", queue, copy)
 
 
-def _broker_down(exc: BaseException, queue: str) -> InfrastructureError:
-    failure = as_infrastructure(exc, "broker")
-    if failure is not None:
-        return failure
-    return InfrastructureError("broker", f"sweeping {queue}: {brief(exc)}")
+def _outage(exc: BaseException) -> InfrastructureError | None:
+    """``exc`` as a broker outage, or None: a closed channel (an ack after the connection
+    dropped) counts, as for the publisher."""
+    if isinstance(exc, ChannelInvalidStateError):
+        return InfrastructureError("broker", brief(exc))
+    return as_infrastructure(exc, "broker")
 
 
 async def sweep_queue(
@@ -351,12 +352,17 @@ async def sweep_queue(
     broker when the channel closes, and the worst case is a kept message twice. ``user.erased``
     messages are always kept. Returns once the channel closed cleanly (every ack reached the
     broker); a broker failure raises :class:`InfrastructureError` and the sweep is run again.
+    Raises :class:`DeadLetterQueueMissing` when ``queue`` does not exist.
     """
+    # a broker failure becomes an InfrastructureError (the delivery is kept and handled
+    # again); anything else, a bug, is raised as it is (the retry tiers, then the DLQ: visible)
     counts = SweepCounts()
     try:
         channel = await connection.channel(publisher_confirms=False)
     except Exception as exc:
-        raise _broker_down(exc, queue) from exc
+        if (failure := _outage(exc)) is None:
+            raise
+        raise failure from exc
     try:
         try:
             source = await channel.declare_queue(queue, passive=True)
@@ -390,13 +396,13 @@ async def sweep_queue(
             counts.kept += len(done)
             failed = next((r for r in results if isinstance(r, BaseException)), None)
             if failed is not None:
-                raise _broker_down(failed, queue) from failed
-    except DeadLetterQueueMissing:
-        raise
-    except InfrastructureError:
+                raise failed
+    except (DeadLetterQueueMissing, InfrastructureError):
         raise
     except Exception as exc:
-        raise _broker_down(exc, queue) from exc
+        if (failure := _outage(exc)) is None:
+            raise
+        raise failure from exc
     finally:
         # a clean close means the broker has taken every ack sent before it; unacked
         # messages go back to the queue
@@ -404,5 +410,7 @@ async def sweep_queue(
             try:
                 await channel.close()
             except Exception as exc:
-                raise _broker_down(exc, queue) from exc
+                raise InfrastructureError(
+                    "broker", f"closing the sweep of {queue}: {brief(exc)}"
+                ) from exc
     return counts
