@@ -10,7 +10,7 @@ from tributary.messaging.testing import (
 )
 from tributary.onboarding.app import create_app
 from tributary.onboarding.settings import Settings
-from tributary.service.testing import running
+from tributary.service.testing import minter, running
 from tributary.testkit.infra import Found
 
 from .test_handlers import user_created
@@ -36,7 +36,20 @@ async def test_a_published_sign_up_shows_up_as_a_workspace(tmp_path: Path, rabbi
             assert [w["owner_id"] for w in found] == ["usr_api0000001"]
             assert (await client.get(f"/workspaces/{found[0]['id']}")).status_code == 200
             assert (await client.get("/workspaces/ws_nope")).status_code == 404
-            assert (await client.get("/workspaces")).status_code == 422
+            # without owner_id: the caller's own (the test admin has none)
+            assert (await client.get("/workspaces")).json() == []
+            tokens = minter(app)
+            owner = tokens.member("usr_api0000001")
+            mine = await client.get(f"/workspaces/{found[0]['id']}", headers=owner)
+            assert mine.status_code == 200
+            other = tokens.member("usr_api0000002")
+            assert (
+                await client.get(f"/workspaces/{found[0]['id']}", headers=other)
+            ).status_code == 404
+            refused = await client.get(
+                "/workspaces", params={"owner_id": "usr_api0000001"}, headers=other
+            )
+            assert refused.status_code == 403
     finally:
         names = app.state.bus.names
         qs = names.service_queues("onboarding", len(messaging.retry_tiers))

@@ -384,6 +384,15 @@ def _challenge(error: str | None = None, scope: str | None = None) -> dict[str, 
     return {"WWW-Authenticate": value}
 
 
+def not_owner() -> HTTPException:
+    """403 for a caller acting on another user's resource without ``users:admin``."""
+    return HTTPException(
+        403,
+        detail=f"only the owner, or a token with {ADMIN}, may do this",
+        headers=_challenge("insufficient_scope", ADMIN),
+    )
+
+
 @functools.cache
 def _guard(scope: str, owner: str | None) -> Callable[..., Any]:
     """One dependency per rule, so a rule used twice on a route verifies once (FastAPI cache)."""
@@ -416,11 +425,7 @@ def _guard(scope: str, owner: str | None) -> Callable[..., Any]:
             if owner not in request.path_params:
                 raise RuntimeError(f"require(owner={owner!r}): no such path parameter")
             if request.path_params[owner] != principal.subject and not principal.is_admin:
-                raise HTTPException(
-                    403,
-                    detail=f"only the owner, or a token with {ADMIN}, may do this",
-                    headers=_challenge("insufficient_scope", ADMIN),
-                )
+                raise not_owner()
         request.state.principal = principal
         return principal
 

@@ -15,6 +15,7 @@ from tributary.audit.models import AuditEntry, AuditPage, Verification
 from tributary.contracts.catalog import NAMESPACE, CatalogError, catalog
 from tributary.messaging.db import as_utc
 from tributary.service.app import SessionDep
+from tributary.service.auth import require
 from tributary.service.problems import invalid
 
 router = APIRouter(tags=["audit"])
@@ -60,7 +61,7 @@ def _type_filter(value: str) -> ColumnElement[bool]:
     return col(AuditEntry.type).in_([v.ce_type for v in spec.versions.values()])
 
 
-@router.get("/audit", response_model=AuditPage)
+@router.get("/audit", response_model=AuditPage, dependencies=[require("audit:read")])
 async def list_entries(
     session: SessionDep,
     type: Annotated[
@@ -114,7 +115,12 @@ async def list_entries(
     }
 
 
-@router.get("/audit/verify", response_model=Verification, response_model_exclude_none=True)
+@router.get(
+    "/audit/verify",
+    response_model=Verification,
+    response_model_exclude_none=True,
+    dependencies=[require("audit:verify")],
+)
 async def verify_chain(session: SessionDep) -> Verification:
     """Recompute the hash chain from the first entry; name the first entry that breaks it."""
     return await chain.verify(session)

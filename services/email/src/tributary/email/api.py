@@ -7,12 +7,13 @@ from sqlmodel import col, select
 
 from tributary.email.models import EmailPublic, EmailRecord
 from tributary.service.app import SessionDep
+from tributary.service.auth import require
 from tributary.service.problems import not_found
 
 router = APIRouter(tags=["emails"])
 
 
-@router.get("/emails", response_model=list[EmailPublic])
+@router.get("/emails", response_model=list[EmailPublic], dependencies=[require("emails:read")])
 async def list_emails(
     session: SessionDep,
     to: Annotated[str, Query(min_length=3, max_length=254, description="exact address")],
@@ -28,7 +29,7 @@ async def list_emails(
     return list(rows.all())
 
 
-@router.get("/emails/{email_id}", response_model=EmailPublic)
+@router.get("/emails/{email_id}", response_model=EmailPublic, dependencies=[require("emails:read")])
 async def get_email(session: SessionDep, email_id: str) -> EmailRecord:
     """One email by its id (``eml_…``): status, Message-ID, and the error if it failed."""
     email = await session.get(EmailRecord, email_id)

@@ -24,7 +24,7 @@ from tributary.identity.schemas import (
 from tributary.messaging.db import now
 from tributary.messaging.uow import UnitOfWork
 from tributary.service.app import SessionDep, UowDep
-from tributary.service.auth import InvalidToken, KeysUnavailable
+from tributary.service.auth import InvalidToken, KeysUnavailable, public, require
 from tributary.service.problems import problem_responses, unavailable
 
 log = logging.getLogger("tributary.identity.api")
@@ -128,7 +128,7 @@ async def _register(
     "/users",
     status_code=201,
     response_model=UserPublic,
-    dependencies=[SIGN_UP],
+    dependencies=[public(), SIGN_UP],
     responses=problem_responses(409, 422, 429),
 )
 async def create_user(
@@ -165,7 +165,12 @@ async def create_user(
     raise email_taken()
 
 
-@router.get("/users/{user_id}", response_model=UserPublic, responses=problem_responses(404))
+@router.get(
+    "/users/{user_id}",
+    response_model=UserPublic,
+    responses=problem_responses(404),
+    dependencies=[require("users:read", owner="user_id")],
+)
 async def get_user(session: SessionDep, user_id: UserIdPath) -> User:
     """One user: profile, plan and role."""
     user = await session.get(User, user_id)
@@ -178,7 +183,7 @@ async def get_user(session: SessionDep, user_id: UserIdPath) -> User:
     "/users/{user_id}",
     response_model=UserPublic,
     responses=problem_responses(404, 409, 422, 429),
-    dependencies=[WRITES],
+    dependencies=[require("users:write", owner="user_id"), WRITES],
 )
 async def update_user(body: UserUpdate, uow: UowDep, user_id: UserIdPath) -> User:
     """Change a user's email, name or locale (fields left out stay as they are).
@@ -226,7 +231,7 @@ async def update_user(body: UserUpdate, uow: UowDep, user_id: UserIdPath) -> Use
     "/users/{user_id}/role",
     response_model=UserPublic,
     responses=problem_responses(404, 422, 429),
-    dependencies=[WRITES],
+    dependencies=[require("roles:write"), WRITES],
 )
 async def change_role(body: RoleChange, uow: UowDep, user_id: UserIdPath) -> User:
     """Set a user's role: `member` (every new user), `admin` or `owner`.

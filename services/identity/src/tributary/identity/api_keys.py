@@ -17,6 +17,7 @@ from tributary.identity.rates import WRITES
 from tributary.identity.schemas import ApiKeyCreate, ApiKeyIssued, ApiKeyPublic
 from tributary.messaging.db import now
 from tributary.service.app import SessionDep, UowDep
+from tributary.service.auth import Principal, require
 from tributary.service.problems import problem_responses
 
 log = logging.getLogger("tributary.identity.api_keys")
@@ -30,7 +31,7 @@ KeyIdPath = Annotated[str, Path(max_length=60, examples=["key_0123456789abcdef01
     status_code=201,
     response_model=ApiKeyIssued,
     responses=problem_responses(404, 422, 429),
-    dependencies=[WRITES],
+    dependencies=[require("keys:write", owner="user_id"), WRITES],
 )
 async def create_api_key(
     uow: UowDep, user_id: UserIdPath, response: Response, body: ApiKeyCreate | None = None
@@ -50,6 +51,7 @@ async def create_api_key(
     "/users/{user_id}/api-keys",
     response_model=list[ApiKeyPublic],
     responses=problem_responses(404),
+    dependencies=[require("users:read", owner="user_id")],
 )
 async def list_api_keys(session: SessionDep, user_id: UserIdPath) -> list[ApiKey]:
     """A user's API keys, oldest first, revoked ones included (with `revoked_at`); no secrets."""
@@ -68,15 +70,22 @@ async def list_api_keys(session: SessionDep, user_id: UserIdPath) -> list[ApiKey
     status_code=204,
     response_class=Response,
     responses=problem_responses(404, 429),
-    dependencies=[WRITES],
 )
-async def revoke_api_key(uow: UowDep, key_id: KeyIdPath) -> None:
+async def revoke_api_key(
+    uow: UowDep,
+    key_id: KeyIdPath,
+    principal: Annotated[Principal, require("keys:write")],
+    _limit: Annotated[None, WRITES],  # after the principal: counted per API key
+) -> None:
     """Revoke an API key and announce it as `api_key.revoked.v1`.
 
-    Revoking a key that is already revoked succeeds again and announces nothing.
+    Your own keys with `keys:write`; anyone's with `users:admin` as well. Revoking a key
+    that is already revoked succeeds again and announces nothing; tokens it obtained stop
+    working within their lifetime.
     """
     key = await uow.session.get(ApiKey, key_id)
-    if key is None:
+    if key is None or not (principal.is_admin or key.user_id == principal.subject):
+        # another user's key answers as if it did not exist: key ids are not to be probed
         raise key_not_found(key_id)
     if key.revoked_at is not None:
         return
