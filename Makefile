@@ -39,8 +39,8 @@ dev: sync  ## every service as a local process (needs RABBITMQ_URL or a local br
 token:  ## print an admin access token (TOKEN=$$(make -s token); needs make dev running)
 	@python3 scripts/token.py
 
-demo:  ## the whole stack in Docker: docker compose up --build (an admin key made into .env)
-	@python3 scripts/admin_key.py ensure-compose-env
+demo:  ## the whole stack in Docker: docker compose up --build (secrets made into .env)
+	@python3 scripts/local_secrets.py ensure-compose-env
 	docker compose up --build
 
 demo-down:  ## stop the demo stack (docker compose down -v also deletes its data)

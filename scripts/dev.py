@@ -4,9 +4,9 @@ Starts a development SMTP sink when ``SMTP_HOST`` is unset, prefixes each proces
 with its name, waits until every ``/health/ready`` answers, and stops everything on Ctrl-C or
 SIGTERM. The environment is forwarded to every process.
 
-Authentication: identity registers ``BOOTSTRAP_ADMIN_API_KEY`` as an owner's API key. When it
-is unset, one is generated once into ``var/bootstrap-admin-api-key`` (mode 0600) and reused,
-and the way to turn it into a bearer token is printed when every service is ready.
+Secrets: identity registers ``BOOTSTRAP_ADMIN_API_KEY`` as an owner's API key, and the email
+service keys its address hashes with ``EMAIL_ADDRESS_KEY``. Unset, each is generated once into
+``var/`` (mode 0600) and reused; how to get a bearer token is printed when all are ready.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import admin_key  # scripts/admin_key.py, beside this file
+import local_secrets  # scripts/local_secrets.py, beside this file
 
 # name, port: the fixed local ports of the README
 SERVICES: list[tuple[str, int]] = [
@@ -75,8 +75,9 @@ async def main() -> int:
     env.setdefault("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
     env.setdefault("PYTHONUNBUFFERED", "1")
     os.makedirs("var", exist_ok=True)
-    from_env = "BOOTSTRAP_ADMIN_API_KEY" in env
-    env["BOOTSTRAP_ADMIN_API_KEY"] = admin_key.for_dev()
+    from_env = local_secrets.ADMIN_KEY in env
+    for name in local_secrets.SECRETS:
+        env[name] = local_secrets.for_dev(name)
     children: list[Child] = []
     if not env.get("SMTP_HOST"):
         env["SMTP_HOST"], env["SMTP_PORT"] = "127.0.0.1", env.get("SMTP_PORT", "1025")
@@ -124,7 +125,11 @@ async def main() -> int:
         else:
             await asyncio.sleep(0.5)
     if not stop.is_set():
-        where = "$BOOTSTRAP_ADMIN_API_KEY" if from_env else str(admin_key.DEV_FILE)
+        where = (
+            "$BOOTSTRAP_ADMIN_API_KEY"
+            if from_env
+            else str(local_secrets.dev_file(local_secrets.ADMIN_KEY))
+        )
         print(HOW_TO_CALL.format(where=where), flush=True)
         print("dev        | all services ready; Ctrl-C stops them", flush=True)
         waiters = [asyncio.create_task(c.process.wait()) for c in children]

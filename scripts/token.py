@@ -15,11 +15,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-import admin_key  # scripts/admin_key.py, beside this file
+import local_secrets  # scripts/local_secrets.py, beside this file
 
 
 def main() -> int:
-    key = admin_key.find()
+    key = local_secrets.find()
     if not key:
         print("no BOOTSTRAP_ADMIN_API_KEY, var/bootstrap-admin-api-key or .env", file=sys.stderr)
         return 2

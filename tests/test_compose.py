@@ -209,7 +209,7 @@ def _expected_environment(name: str) -> set[str]:
         "TRIBUTARY_AUTH_ISSUER",
     }
     if name == "email":
-        return names | {"SMTP_HOST", "SMTP_PORT"}
+        return names | {"SMTP_HOST", "SMTP_PORT", "EMAIL_ADDRESS_KEY"}
     if name == "identity":  # rate-limit counts shared by its replicas; the built-in owner's key
         return names | {"REDIS_URL", "BOOTSTRAP_ADMIN_API_KEY"}
     return names
