@@ -596,6 +596,15 @@ async def test_unknown_kids_cause_at_most_one_fetch_per_interval(
         assert server.hits == before + 1
 
 
+async def test_concurrent_first_requests_wait_for_the_first_fetch(setup: Setup) -> None:
+    """Requests arriving while the very first JWKS fetch is under way wait for it (no 503)."""
+    signer, server, _, app = setup
+    tokens = [signer.token() for _ in range(25)]
+    responses = await asyncio.gather(*(call(app, "/me", token) for token in tokens))
+    assert {r.status_code for r in responses} == {200}
+    assert server.hits == 1
+
+
 async def test_no_keys_ever_is_503_with_retry_after(client_for: Any, clock: Clock) -> None:
     server = JwksServer()  # not started: nothing listens on its port
     source: JwksClient = client_for(server.url)

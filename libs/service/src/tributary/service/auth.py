@@ -202,6 +202,9 @@ class JwksClient:
             async with self._lock:
                 if self._due(refresh):  # another request may have fetched meanwhile
                     await self._fetch()
+        elif self._jwks is None and self._lock.locked():
+            async with self._lock:  # the first fetch is under way: wait for it, not 503
+                pass
         if self._jwks is None:
             wait = self.min_interval - (self._clock() - self._attempted_at)
             raise KeysUnavailable(retry_after=max(1, math.ceil(wait)))
