@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 from sqlmodel import col, select
 
+from tributary.identity.bootstrap import ADMIN_EMAIL, ADMIN_USER_ID
 from tributary.identity.models import ApiKey, SignUpKey, Subscription, User
 from tributary.messaging.db import OutboxRow, now
 from tributary.messaging.testing import publish_raw
@@ -170,3 +171,26 @@ async def test_a_built_in_account_is_not_a_person_and_cannot_be_erased(
     refused = await identity.client.delete("/users/usr_builtin")
     assert refused.status_code == 409
     assert (await identity.client.get("/users/usr_builtin")).status_code == 200
+
+
+async def test_the_bootstrap_owner_cannot_be_erased(identity: Identity) -> None:
+    """``usr_bootstrapadmin`` has the shape of a person's id but is configuration."""
+    async with identity.app.state.sessions() as session:
+        stamp = now()
+        session.add(
+            User(
+                id=ADMIN_USER_ID,
+                email=ADMIN_EMAIL,
+                email_normalized=ADMIN_EMAIL,
+                name="Bootstrap admin",
+                plan="free",
+                locale="en-GB",
+                role="owner",
+                created_at=stamp,
+                updated_at=stamp,
+            )
+        )
+        await session.commit()
+    refused = await identity.client.delete(f"/users/{ADMIN_USER_ID}")
+    assert refused.status_code == 409
+    assert refused.json()["errors"][0]["field"] == "path.user_id"

@@ -24,6 +24,7 @@ from sqlmodel import col
 from tributary.contracts.envelope import Event
 from tributary.contracts.events import UserErasedV1
 from tributary.identity.api import UserIdPath
+from tributary.identity.bootstrap import ADMIN_USER_ID
 from tributary.identity.models import ApiKey, SignUpKey, Subscription, User
 from tributary.identity.rates import WRITES
 from tributary.messaging.bus import Handlers
@@ -61,7 +62,7 @@ async def erase_user(uow: UowDep, user_id: UserIdPath) -> None:
         raise not_found(
             f"There is no user {user_id}.", field="path.user_id", message="no such user"
         )
-    if not PERSON_ID.fullmatch(user.id):
+    if user.id == ADMIN_USER_ID or not PERSON_ID.fullmatch(user.id):
         raise conflict(
             "A built-in account cannot be erased.",
             field="path.user_id",
