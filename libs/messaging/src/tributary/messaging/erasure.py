@@ -299,20 +299,7 @@ def kept_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
     headers = {
         k: _encodable(v) for k, v in (message.headers or {}).items() if k != "x-delivery-count"
     }
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
+    return h.with_headers(message, headers)
 
 
 async def _put_back(publisher: Publisher, queue: str, message: AbstractIncomingMessage) -> None:

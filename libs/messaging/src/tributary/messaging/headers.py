@@ -91,6 +91,12 @@ def copy_of(
         if not k.startswith(BROKER_HEADERS) and k not in drop
     }
     headers.update(extra)
+    return with_headers(message, headers)
+
+
+def with_headers(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """A persistent message with ``message``'s body and properties and these ``headers``
+    (``user_id`` left out: the broker rejects one that is not the publishing user)."""
     return aio_pika.Message(
         message.body,
         headers=headers,

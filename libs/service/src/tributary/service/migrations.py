@@ -140,3 +140,17 @@ def unpark_outbox_rows() -> None:
     op.create_index("ix_tributary_outbox_pending", "tributary_outbox", ["published_at", "seq"])
     with op.batch_alter_table("tributary_outbox") as batch:
         batch.drop_column("parked_at")
+
+
+def create_erased_users() -> None:
+    """``tributary_erased_users`` (``tributary.messaging.erasure.ErasedUser``): the ids of
+    erased users, for services that must ignore late events about them."""
+    op.create_table(
+        "tributary_erased_users",
+        Column("user_id", String(60), primary_key=True),
+        Column("erased_at", DateTime(), nullable=False),
+    )
+
+
+def drop_erased_users() -> None:
+    op.drop_table("tributary_erased_users")

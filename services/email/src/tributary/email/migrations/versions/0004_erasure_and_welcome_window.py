@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from tributary.service.migrations import create_erased_users, drop_erased_users
+
 revision: str = "0004"
 down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
@@ -21,13 +23,9 @@ def upgrade() -> None:
         sa.Column("address_hash", sa.String(64), primary_key=True),
         sa.Column("last_sent_at", sa.DateTime(timezone=True), nullable=False),
     )
-    op.create_table(
-        "tributary_erased_users",
-        sa.Column("user_id", sa.String(60), primary_key=True),
-        sa.Column("erased_at", sa.DateTime(), nullable=False),
-    )
+    create_erased_users()
 
 
 def downgrade() -> None:
-    op.drop_table("tributary_erased_users")
+    drop_erased_users()
     op.drop_table("welcome_sends")

@@ -6,8 +6,7 @@ Revises: 0002
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
-from alembic import op
+from tributary.service.migrations import create_erased_users, drop_erased_users
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -16,12 +15,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_table(
-        "tributary_erased_users",
-        sa.Column("user_id", sa.String(60), primary_key=True),
-        sa.Column("erased_at", sa.DateTime(), nullable=False),
-    )
+    create_erased_users()
 
 
 def downgrade() -> None:
-    op.drop_table("tributary_erased_users")
+    drop_erased_users()
