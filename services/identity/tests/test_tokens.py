@@ -11,7 +11,7 @@ import base64
 import secrets
 import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -21,6 +21,7 @@ import jwt
 import pytest
 from alembic import command
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from fastapi import FastAPI
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
@@ -297,7 +298,7 @@ async def test_the_jwks_is_public_cacheable_and_lists_ed25519_keys(identity: Ide
     answer = await identity.client.get("/.well-known/jwks.json")
 
     assert answer.status_code == 200
-    assert answer.headers["cache-control"] == "public, max-age=60"
+    assert answer.headers["cache-control"] == "public, max-age=10"
     [key, *_] = answer.json()["keys"]
     assert {k: key[k] for k in ("kty", "crv", "use", "alg")} == {
         "kty": "OKP",
@@ -442,6 +443,16 @@ async def jwks_kids(client: httpx.AsyncClient) -> list[str]:
     return [k["kid"] for k in (await client.get("/.well-known/jwks.json")).json()["keys"]]
 
 
+async def activate_now(app: FastAPI, kid: str) -> None:
+    """Move a rotated-in key's activation to now (instead of waiting out the lead)."""
+    async with app.state.sessions() as session:
+        key = await session.get(SigningKey, kid)
+        assert key is not None
+        key.activated_at = now()
+        session.add(key)
+        await session.commit()
+
+
 async def test_a_rotation_signs_with_the_new_key_and_publishes_the_old_until_its_tokens_expire(
     tmp_path: Path, rabbitmq: Found
 ) -> None:
@@ -461,6 +472,12 @@ async def test_a_rotation_signs_with_the_new_key_and_publishes_the_old_until_its
         rotation = rotated.json()
         new_kid = rotation["kid"]
         assert rotation["previous_kid"] == old_kid
+        # published at once, signing only after the lead: every verifier can learn it first
+        assert await jwks_kids(client) == [new_kid, old_kid]
+        assert jwt.get_unverified_header(await token(client, ADMIN_SECRET))["kid"] == old_kid
+        activates = datetime.fromisoformat(rotation["activated_at"])
+        assert activates - now() > keys.lead - timedelta(seconds=5)
+        await activate_now(service.app, new_kid)
         new_token = await token(client, ADMIN_SECRET)
         assert jwt.get_unverified_header(new_token)["kid"] == new_kid != old_kid
         assert await jwks_kids(client) == [new_kid, old_kid]

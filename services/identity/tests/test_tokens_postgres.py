@@ -19,6 +19,7 @@ from .support import identity_service
 from .test_tokens import (
     ADMIN_SECRET,
     MIGRATIONS,
+    activate_now,
     bearer,
     jwks_kids,
     token,
@@ -67,6 +68,7 @@ async def test_two_replicas_starting_at_once_share_one_key_and_verify_each_other
             rotated = await b.client.post("/signing-keys/rotate", headers=bearer(from_a))
             assert rotated.status_code == 201, rotated.text
             new_kid = rotated.json()["kid"]
+            await activate_now(b.app, new_kid)  # not waiting out the publication lead
 
             # a signs with the key b made, publishes it, and each verifies the other's tokens
             new_from_a = await token(a.client, ADMIN_SECRET)

@@ -52,6 +52,8 @@ ALGORITHMS = ("EdDSA", "ES256")
 TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub", "scope", "client_id", "jti")
 MAX_TOKEN_LENGTH = 4096
+JWKS_MIN_INTERVAL = 10.0
+"""Seconds between two real JWKS fetches of a service, however many unknown kids arrive."""
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
@@ -179,7 +181,7 @@ class JwksClient:
         *,
         timeout: float = 3.0,
         max_age: float = 600.0,
-        min_interval: float = 10.0,
+        min_interval: float = JWKS_MIN_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url

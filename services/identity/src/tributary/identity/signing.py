@@ -1,11 +1,15 @@
 """Token signing keys: Ed25519, kept in identity's database, rotated on request, published.
 
-One key is active at a time: the unretired key of the highest ``generation``; every token is
-signed with it (read from the database per token, so a rotation made by another replica takes
-effect at once). A rotation adds a generation. The key it supersedes signs nothing more but
+One key is active at a time: the unretired key of the highest ``generation`` whose
+``activated_at`` has come; every token is signed with it (read from the database per token, so
+a rotation made by another replica takes effect everywhere). A rotation adds a generation that
+is published at once but signs only :data:`ACTIVATION_LEAD` later: by then every service has
+had the chance to fetch it (a service refetches the JWKS at most every
+``JWKS_MIN_INTERVAL`` seconds, and HTTP caches keep it ``JWKS_MAX_AGE``), so no token names a
+key its verifier cannot know yet. The key it supersedes signs nothing more from then on but
 stays in the JWKS until every token it signed has expired (token lifetime plus the verifiers'
-clock leeway after the rotation); then, the next time the keys are listed, it is retired and
-its private half erased.
+clock leeway); then, the next time the keys are listed, it is retired and its private half
+erased.
 
 :class:`SigningKeys` is also identity's ``KeySource``: identity verifies its own tokens with
 the keys in its database, without an HTTP call to itself.
@@ -50,13 +54,21 @@ from tributary.identity.inserts import insert_or_ignore
 from tributary.identity.models import SigningKey
 from tributary.identity.rates import WRITES
 from tributary.messaging.db import now
-from tributary.service.auth import JWKS_PATH, KeysUnavailable, public, require
+from tributary.service.auth import (
+    JWKS_MIN_INTERVAL,
+    JWKS_PATH,
+    KeysUnavailable,
+    public,
+    require,
+)
 
 log = logging.getLogger("tributary.identity.signing")
 
 Clock = Callable[[], datetime]
-JWKS_MAX_AGE = 60
+JWKS_MAX_AGE = 10
 """Seconds a JWKS answer may be cached by its readers and by HTTP caches."""
+ACTIVATION_LEAD = timedelta(seconds=JWKS_MIN_INTERVAL + JWKS_MAX_AGE)
+"""How long a new key is published before it signs."""
 
 
 def _b64url(data: bytes) -> str:
@@ -71,7 +83,7 @@ def public_jwk(public_key: Ed25519PublicKey) -> dict[str, str]:
     return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "use": "sig", "alg": "EdDSA"}
 
 
-def new_signing_key(generation: int, stamp: datetime) -> SigningKey:
+def new_signing_key(generation: int, stamp: datetime, activates: datetime) -> SigningKey:
     private_key = Ed25519PrivateKey.generate()
     jwk = public_jwk(private_key.public_key())
     pem = private_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
@@ -81,7 +93,7 @@ def new_signing_key(generation: int, stamp: datetime) -> SigningKey:
         private_key_pem=pem.decode("ascii"),
         public_jwk=json.dumps(jwk),
         created_at=stamp,
-        activated_at=stamp,
+        activated_at=activates,
     )
 
 
@@ -95,6 +107,7 @@ class SigningKeys:
     """The signing keys in the database, and the JWKS built from them (cached in memory).
 
     ``published_for``: how long a superseded key stays published (token lifetime + leeway).
+    ``lead``: how long a rotated-in key is published before it signs.
     ``clock`` dates the keys and decides retirements (tests move it forward).
     """
 
@@ -103,12 +116,14 @@ class SigningKeys:
         sessions: async_sessionmaker[AsyncSession],
         *,
         published_for: timedelta,
+        lead: timedelta = ACTIVATION_LEAD,
         clock: Clock = now,
         max_age: float = 30.0,
         min_interval: float = 1.0,
     ) -> None:
         self.sessions = sessions
         self.published_for = published_for
+        self.lead = lead
         self.clock = clock
         self.max_age = max_age
         """Seconds the cached JWKS is served before the database is read again."""
@@ -135,16 +150,18 @@ class SigningKeys:
         raise RuntimeError("no active signing key could be created")
 
     async def rotate(self) -> tuple[SigningKey, SigningKey | None]:
-        """A new active key, and the one it supersedes (published until its tokens expire)."""
+        """A new key, signing from ``lead`` on, and the one it supersedes then (published
+        until its tokens expire)."""
         for _ in range(5):
             newest = await self._newest()
-            made = await self._insert(newest.generation + 1 if newest else 1)
+            made = await self._insert(newest.generation + 1 if newest else 1, lead=self.lead)
             if made is not None:
                 self._read_at = -math.inf  # publish it at once
                 previous = newest if newest is not None and newest.retired_at is None else None
                 log.info(
-                    "signing key %s active (generation %d), superseding %s",
+                    "signing key %s published, signing from %s (generation %d), superseding %s",
                     made.kid,
+                    made.activated_at.isoformat(),
                     made.generation,
                     previous.kid if previous else "none",
                 )
@@ -158,9 +175,12 @@ class SigningKeys:
             query = select(SigningKey).order_by(col(SigningKey.generation).desc()).limit(1)
             return (await session.exec(query)).first()
 
-    async def _insert(self, generation: int) -> SigningKey | None:
+    async def _insert(
+        self, generation: int, *, lead: timedelta = timedelta(0)
+    ) -> SigningKey | None:
         """The key inserted as ``generation``; None when another got that generation first."""
-        key = new_signing_key(generation, self.clock())
+        stamp = self.clock()
+        key = new_signing_key(generation, stamp, stamp + lead)
         async with self.sessions() as session:
             await insert_or_ignore(session, SigningKey, **key.model_dump())
             await session.commit()
@@ -168,7 +188,7 @@ class SigningKeys:
 
     async def signer(self, session: AsyncSession) -> ActiveKey:
         """The key to sign a token with now (read in the caller's session)."""
-        key = await _active(session) or await self.ensure_active()
+        key = await _active(session, self.clock()) or await self.ensure_active()
         if not self._publishes(key.kid):
             # another replica rotated: publish the new key here too before its first token
             self._read_at = -math.inf
@@ -241,10 +261,10 @@ class SigningKeys:
             log.warning("signing keys could not be read (%s); %s", type(exc).__name__, kept)
 
 
-async def _active(session: AsyncSession) -> SigningKey | None:
+async def _active(session: AsyncSession, stamp: datetime) -> SigningKey | None:
     query = (
         select(SigningKey)
-        .where(col(SigningKey.retired_at).is_(None))
+        .where(col(SigningKey.retired_at).is_(None), col(SigningKey.activated_at) <= stamp)
         .order_by(col(SigningKey.generation).desc())
         .limit(1)
     )
@@ -270,8 +290,12 @@ class Jwks(BaseModel):
 
 
 class Rotation(BaseModel):
-    kid: str = Field(description="The new active key: every token from now on names it.")
-    activated_at: datetime
+    kid: str = Field(
+        description="The new key: published now, every token names it from activated_at on."
+    )
+    activated_at: datetime = Field(
+        description="When it starts signing: published first, so every service knows it."
+    )
     previous_kid: str | None = Field(description="The key it supersedes (None: there was none).")
     previous_published_until: datetime | None = Field(
         description="When the superseded key leaves the JWKS: every token it signed has "
@@ -315,11 +339,12 @@ async def jwks(request: Request) -> JSONResponse:
     dependencies=[require("signing-keys:write"), WRITES],
 )
 async def rotate_signing_key(request: Request) -> Rotation:
-    """Make a new token signing key active (key rollover).
+    """Rotate the token signing key (key rollover).
 
-    Tokens are signed with the new key from now on. The previous key stays in the JWKS until
-    every token it signed has expired (`previous_published_until`), so tokens already issued
-    keep working; then it is retired and its private half erased.
+    The new key is published at once and signs from `activated_at` (20 s later: every service
+    learns it first). The previous key stays in the JWKS until every token it signed has
+    expired (`previous_published_until`), so tokens already issued keep working; then it is
+    retired and its private half erased.
     """
     keys = signing_keys(request)
     made, previous = await keys.rotate()
