@@ -428,6 +428,8 @@ class Flow:
                 base_url=stack.url(name),
                 timeout=30,
                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+                # sign-up is public and sent without a token, as users do; reads need an admin's
+                auth=None if name == "identity" else stack.auth(),
             )
             for name in SIGNUP_SERVICES
         }
