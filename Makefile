@@ -37,7 +37,7 @@ dev: sync  ## every service as a local process (needs RABBITMQ_URL or a local br
 	$(RUN) python scripts/dev.py
 
 token:  ## print an admin access token (TOKEN=$$(make -s token); needs make dev running)
-	@python3 scripts/token.py
+	@python3 scripts/access_token.py
 
 demo:  ## the whole stack in Docker: docker compose up --build (secrets made into .env)
 	@python3 scripts/local_secrets.py ensure-compose-env

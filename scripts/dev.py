@@ -35,7 +35,7 @@ RESET = "\033[0m"
 
 
 HOW_TO_CALL = """dev        | admin API key: {where} (the built-in admin user, role owner)
-dev        | a token:  TOKEN=$(make -s token)   (scripts/token.py: client-credentials grant)
+dev        | a token:  TOKEN=$(make -s token)   (scripts/access_token.py: client-credentials grant)
 dev        | then:     curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8004/audit"""
 
 
