@@ -116,6 +116,14 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "url": "https://app.tributary.dev/reports/rpt_0123456789.csv",
         "ready_at": "2026-01-08T06:00:00Z",
     },
+    "audit.checkpoint.v1": {
+        "seq": 100,
+        "head": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        "signed_at": "2026-01-09T12:00:00Z",
+        "key_id": "0123456789abcdef",
+        "public_key": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
+        "signature": "A" * 86,
+    },
     "email.send.v1": {
         "request_id": "0f8fad5b-d9cb-469f-a165-70867728950e",
         "to": "ada@example.com",

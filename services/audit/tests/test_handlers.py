@@ -183,6 +183,7 @@ async def test_entries_form_a_hash_chain_in_the_order_they_were_recorded(
 
 def test_every_event_type_of_the_catalog_is_audited_at_its_latest_version() -> None:
     events = {spec.name: spec.latest.version for spec in catalog() if spec.kind == "event"}
+    del events["audit.checkpoint"]  # its own checkpoints are not recorded in the chain
     assert {t.event_type: t.version for t in audited_types()} == events
     assert "email.send" not in {t.event_type for t in audited_types()}  # a command
     assert set(build_handlers()) == set(audited_types())

@@ -267,6 +267,20 @@ class EmailSendV1(Payload):
     locale: Locale | None = None
 
 
+class AuditCheckpointV1(Payload):
+    """The audit service signed ``{seq, head, signed_at}`` of its hash chain (Ed25519)."""
+
+    event_type: ClassVar[str] = "audit.checkpoint"
+    version: ClassVar[int] = 1
+
+    seq: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    head: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    signed_at: Timestamp
+    key_id: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+    public_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}$")]
+    signature: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{86}$")]
+
+
 PAYLOAD_TYPES: dict[str, type[Payload]] = {
     model.routing_key: model
     for model in (
@@ -284,6 +298,7 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
         PaymentFailedV1,
         CommentMentionedV1,
         ReportReadyV1,
+        AuditCheckpointV1,
         EmailSendV1,
     )
 }

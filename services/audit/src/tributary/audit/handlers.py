@@ -56,8 +56,13 @@ async def record_erasure(
 
 
 def audited_types() -> list[type[Payload]]:
-    """The latest payload model of every event type in the catalog (commands are not events)."""
-    return [payload_type(spec.latest.routing_key) for spec in catalog() if spec.kind == "event"]
+    """The latest payload model of every event type audit consumes by the catalog: every
+    event but its own checkpoints (commands are not events)."""
+    return [
+        payload_type(spec.latest.routing_key)
+        for spec in catalog()
+        if spec.kind == "event" and "audit" in spec.consumers
+    ]
 
 
 def build_handlers(pii_key: bytes | None = None) -> Handlers:
