@@ -17,6 +17,8 @@ def test_every_version_has_a_channel_a_sender_and_its_receivers() -> None:
         for version in spec.versions.values():
             key = version.routing_key
             assert doc["channels"][key]["address"] == key
-            assert doc["operations"][f"{spec.owner}.send.{key}"]["action"] == "send"
+            assert spec.producers
+            for producer in spec.producers:
+                assert doc["operations"][f"{producer}.send.{key}"]["action"] == "send"
             for consumer in spec.consumers:
                 assert doc["operations"][f"{consumer}.receive.{key}"]["action"] == "receive"

@@ -191,3 +191,25 @@ def test_runs_as_a_module(repo: Path) -> None:
     )
     assert proc.returncode == 1, proc.stderr
     assert "data.email: property removed" in proc.stderr
+
+
+def test_a_change_of_senders_needs_review_and_fails_only_when_asked(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    catalog = repo / "contracts" / "catalog.yaml"
+    text = catalog.read_text(encoding="utf-8")
+    assert "senders: [notification]" in text
+    catalog.write_text(
+        text.replace("senders: [notification]", "senders: [notification, identity]"),
+        encoding="utf-8",
+    )
+
+    assert main(["contracts", "check", "--repo", str(repo), "--against", "HEAD"]) == 0
+    out, err = capsys.readouterr()
+    assert "needs review: email.send: senders: may now be published by identity" in err
+    assert "(producers_changed)" in err
+    assert "1 change(s) to review" in out
+
+    args = ["contracts", "check", "--repo", str(repo), "--against", "HEAD", "--fail-on-review"]
+    assert main(args) == 1
+    assert "1 contract change(s) to review against HEAD" in capsys.readouterr().err

@@ -88,12 +88,13 @@ def render(cat: Catalog) -> str:
             }
             ref = {"$ref": f"#/channels/{key}"}
             msg = [{"$ref": f"#/channels/{key}/messages/{key}"}]
-            operations[f"{spec.owner}.send.{key}"] = {
-                "action": "send",
-                "title": f"{spec.owner} publishes {key}",
-                "channel": ref,
-                "messages": msg,
-            }
+            for producer in spec.producers:  # the only broker users allowed to publish it
+                operations[f"{producer}.send.{key}"] = {
+                    "action": "send",
+                    "title": f"{producer} publishes {key}",
+                    "channel": ref,
+                    "messages": msg,
+                }
             for consumer in spec.consumers:
                 operations[f"{consumer}.receive.{key}"] = {
                     "action": "receive",

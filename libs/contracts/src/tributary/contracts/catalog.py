@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +16,9 @@ import yaml
 NAMESPACE = "com.tributary"
 _ENV_DIR = "TRIBUTARY_CONTRACTS_DIR"
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")
+_PRODUCER_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
+EXTERNAL = "external"
+"""The ``owner`` of a type produced outside this repo; its ``producers`` name who."""
 
 
 class CatalogError(Exception):
@@ -55,6 +58,9 @@ class TypeSpec:
     consumers: tuple[str, ...]
     irreversible_for: tuple[str, ...]
     versions: dict[int, VersionSpec] = field(default_factory=dict)
+    producers: tuple[str, ...] = ()
+    """Who may publish it: the owning service, the foreign producers of an ``external`` type,
+    or a command's ``senders``."""
 
     @property
     def latest(self) -> VersionSpec:
@@ -68,9 +74,24 @@ class TypeSpec:
 class Catalog:
     root: Path
     types: dict[str, TypeSpec]
+    external_producers: dict[str, str] = field(default_factory=dict)
+    """Producers outside this repo (name → description); each may publish only its types."""
 
     def __iter__(self) -> Iterator[TypeSpec]:
         return iter(self.types.values())
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """Every service of this repo the catalog names (as owner or consumer), sorted."""
+        return _services(self.types.values())
+
+    def published_by(self, producer: str) -> tuple[TypeSpec, ...]:
+        """The types ``producer`` (a service or a foreign producer) may publish or send."""
+        return tuple(spec for spec in self if producer in spec.producers)
+
+    def consumed_by(self, service: str) -> tuple[TypeSpec, ...]:
+        """The types ``service`` subscribes to (events) or handles (commands)."""
+        return tuple(spec for spec in self if service in spec.consumers)
 
     def versions(self) -> Iterator[VersionSpec]:
         for spec in self.types.values():
@@ -122,6 +143,7 @@ def parse_catalog(root: Path, raw: dict[str, Any]) -> Catalog:
     """Build a catalog from the parsed YAML of ``catalog.yaml`` found in ``root``."""
     if raw.get("namespace") != NAMESPACE:
         raise CatalogError(f"catalog namespace must be {NAMESPACE!r}")
+    external = _external_producers(raw.get("external_producers"))
     types: dict[str, TypeSpec] = {}
     for name, entry in (raw.get("types") or {}).items():
         try:
@@ -144,10 +166,85 @@ def parse_catalog(root: Path, raw: dict[str, Any]) -> Catalog:
                 consumers=tuple(entry.get("consumers") or ()),
                 irreversible_for=tuple(entry.get("irreversible_for") or ()),
                 versions=versions,
+                producers=_names(entry, "producers") + _names(entry, "senders"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CatalogError(f"catalog entry {name!r} is malformed: {exc!r}") from exc
-    return Catalog(root=root, types=types)
+    services = set(_services(types.values()))
+    if clash := sorted(services & external.keys()):
+        raise CatalogError(f"external producer(s) {clash} have the name of a service")
+    for name, spec in types.items():
+        types[name] = _with_producers(
+            spec, types_raw=raw["types"][name], external=external, services=services
+        )
+    if idle := sorted(external.keys() - {p for spec in types.values() for p in spec.producers}):
+        raise CatalogError(f"external producer(s) {idle} may publish no type; remove them")
+    return Catalog(root=root, types=types, external_producers=external)
+
+
+def _services(specs: Iterable[TypeSpec]) -> tuple[str, ...]:
+    named = {spec.owner for spec in specs} | {c for spec in specs for c in spec.consumers}
+    return tuple(sorted(named - {EXTERNAL}))
+
+
+def _names(entry: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = entry.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a list of names")
+    return tuple(value)
+
+
+def _external_producers(raw: object) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CatalogError("external_producers must map each name to a description")
+    for name, description in raw.items():
+        if not isinstance(name, str) or not _PRODUCER_NAME.fullmatch(name) or name == EXTERNAL:
+            raise CatalogError(
+                f"external producer name {str(name)[:100]!r} must match {_PRODUCER_NAME.pattern}"
+            )
+        if not isinstance(description, str):
+            raise CatalogError(f"external producer {name!r}: the description must be text")
+    return dict(raw)
+
+
+def _with_producers(
+    spec: TypeSpec, *, types_raw: dict[str, Any], external: dict[str, str], services: set[str]
+) -> TypeSpec:
+    """``spec`` with its producers checked and, for a service-owned event, set to the owner.
+
+    A catalog from before producers were recorded (an old revision ``eventctl contracts check``
+    compares with) parses too: a command without ``senders`` is sent by its owner, an external
+    event without ``producers`` by nobody.
+    """
+    where = f"catalog entry {spec.name!r}"
+    if spec.kind == "command":
+        if "producers" in types_raw:
+            raise CatalogError(f"{where}: a command names its senders, not producers")
+        producers = spec.producers if "senders" in types_raw else (spec.owner,)
+        known = services | external.keys()
+        what = "sender"
+    elif spec.owner == EXTERNAL:
+        if "senders" in types_raw:
+            raise CatalogError(f"{where}: only commands have senders")
+        producers, known, what = spec.producers, set(external), "producer"
+    else:
+        if "producers" in types_raw or "senders" in types_raw:
+            raise CatalogError(
+                f"{where}: its owner {spec.owner!r} is its producer; producers are listed only "
+                f"for owner {EXTERNAL!r}"
+            )
+        producers, known, what = (spec.owner,), services, "producer"
+    for producer in producers:
+        if producer not in known:
+            hint = " (declare it under external_producers)" if what == "producer" else ""
+            raise CatalogError(f"{where}: unknown {what} {producer[:100]!r}{hint}")
+    if len(set(producers)) != len(producers):
+        raise CatalogError(f"{where}: a {what} is listed twice")
+    return replace(spec, producers=tuple(producers))
 
 
 def load_catalog(root: Path | None = None) -> Catalog:

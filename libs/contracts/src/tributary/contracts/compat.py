@@ -24,6 +24,12 @@ Rule ids (one per kind of breaking change):
 ``schema_deleted``                  an active version's schema disappeared
 ``new_version_without_migration``   version N+1 added without an upcaster from N and
                                     without deprecating N
+
+One rule is not a break but a change someone must review (``severity`` ``review``): who may
+publish a type decides the broker's permissions.
+
+``producers_changed``               a type's producers (its owner, the foreign producers of an
+                                    external type, a command's senders) changed
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ ADDITIONAL_PROPERTIES_TIGHTENED = "additional_properties_tightened"
 KEYWORD_CHANGED = "keyword_changed"
 SCHEMA_DELETED = "schema_deleted"
 NEW_VERSION_WITHOUT_MIGRATION = "new_version_without_migration"
+PRODUCERS_CHANGED = "producers_changed"
 
 RULES: tuple[str, ...] = (
     PROPERTY_REMOVED,
@@ -67,6 +74,9 @@ RULES: tuple[str, ...] = (
     SCHEMA_DELETED,
     NEW_VERSION_WITHOUT_MIGRATION,
 )
+"""Rules of breaking changes."""
+REVIEW_RULES: frozenset[str] = frozenset({PRODUCERS_CHANGED})
+"""Rules that flag a change for review rather than a break."""
 
 UpcasterExists = Callable[[str, int], bool]
 
@@ -82,7 +92,14 @@ class Incompatibility:
     message: str
 
     def __str__(self) -> str:
+        if self.version == 0:  # about the type, not one version of it
+            return f"{self.type_name}: {self.path}: {self.message} ({self.rule})"
         return f"{self.type_name} v{self.version}: {self.path}: {self.message} ({self.rule})"
+
+    @property
+    def needs_review(self) -> bool:
+        """A change to review (who may publish), not a compatibility break."""
+        return self.rule in REVIEW_RULES
 
 
 class GitError(RuntimeError):
@@ -576,6 +593,37 @@ def check_catalogs(
                     f"or v{previous} marked deprecated",
                 )
             )
+    return findings + producer_changes(old, new)
+
+
+def producer_changes(old: Catalog, new: Catalog) -> list[Incompatibility]:
+    """Types present on both sides whose producers changed (``producers_changed``, review).
+
+    Adding a producer lets one more broker user publish the type; removing one makes the
+    broker refuse a producer that may still be running. Either way the broker definitions
+    must be regenerated and applied (``eventctl broker definitions|provision``).
+    """
+    findings: list[Incompatibility] = []
+    for new_type in new:
+        old_type = old.types.get(new_type.name)
+        if old_type is None or set(old_type.producers) == set(new_type.producers):
+            continue
+        added = sorted(set(new_type.producers) - set(old_type.producers))
+        removed = sorted(set(old_type.producers) - set(new_type.producers))
+        what = "senders" if new_type.kind == "command" else "producers"
+        parts = [f"may now be published by {', '.join(added)}"] if added else []
+        if removed:
+            parts.append(f"no longer by {', '.join(removed)} (the broker will refuse them)")
+        findings.append(
+            Incompatibility(
+                new_type.name,
+                0,
+                what,
+                PRODUCERS_CHANGED,
+                f"{'; '.join(parts)}; review who may publish it, then regenerate and apply "
+                "the broker users (eventctl broker definitions / provision)",
+            )
+        )
     return findings
 
 

@@ -93,15 +93,23 @@ def _contracts_check(args: argparse.Namespace) -> int:
         print(f"eventctl: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
-    if findings:
-        for finding in findings:
+    breaking = [f for f in findings if not f.needs_review]
+    review = [f for f in findings if f.needs_review]
+    for finding in review:
+        print(f"needs review: {finding}", file=sys.stderr)
+    if breaking:
+        for finding in breaking:
             print(finding, file=sys.stderr)
         print(
-            f"{len(findings)} incompatible contract change(s) against {base}",
+            f"{len(breaking)} incompatible contract change(s) against {base}",
             file=sys.stderr,
         )
         return EXIT_FINDINGS
-    print(f"contracts OK: compatible with {base}; {compared} version(s) compared")
+    if review and args.fail_on_review:
+        print(f"{len(review)} contract change(s) to review against {base}", file=sys.stderr)
+        return EXIT_FINDINGS
+    reviewed = f"; {len(review)} change(s) to review (above)" if review else ""
+    print(f"contracts OK: compatible with {base}; {compared} version(s) compared{reviewed}")
     return EXIT_OK
 
 
@@ -125,7 +133,9 @@ def _add_contracts(groups: Any) -> None:
         help="fail on breaking changes to contracts/ since a git revision",
         description=(
             "Compare the working tree's contracts with a git revision and report every "
-            "breaking change. Exit 0 when compatible, 1 on findings, 2 on errors."
+            "breaking change, and every change of who may publish a type (needs review). "
+            "Exit 0 when compatible, 1 on breaking findings (or, with --fail-on-review, "
+            "changes to review), 2 on errors."
         ),
     )
     check.add_argument(
@@ -144,6 +154,11 @@ def _add_contracts(groups: Any) -> None:
         type=Path,
         metavar="DIR",
         help="contracts directory to check (default: <repo>/contracts)",
+    )
+    check.add_argument(
+        "--fail-on-review",
+        action="store_true",
+        help="also exit 1 on changes that need review but break nothing (who may publish)",
     )
     check.set_defaults(handler=_contracts_check)
 
