@@ -104,6 +104,8 @@ ROUTES: dict[tuple[str, str, str], Call] = {
     # audit
     ("audit", "GET", "/audit"): Call("admin", "/audit", 200),
     ("audit", "GET", "/audit/verify"): Call("admin", "/audit/verify", 200),
+    ("audit", "GET", "/audit/checkpoints"): Call("admin", "/audit/checkpoints", 200),
+    ("audit", "GET", "/audit/checkpoints/key"): Call("public", "/audit/checkpoints/key", 200),
 }
 for _service in ("identity", "onboarding", "email", "audit"):
     ROUTES[(_service, "GET", "/health/live")] = Call("public", "/health/live", 200)
@@ -144,7 +146,14 @@ def _apps(messaging: dict[str, MessagingSettings], db: dict[str, str]) -> dict[s
             EmailSettings(database_url=db["e"], port=0, smtp_port=free_port()), messaging["e"]
         ),
         "audit": audit_app(
-            AuditSettings.model_validate({"AUDIT_DATABASE_URL": db["a"], "AUDIT_PORT": 0}),
+            AuditSettings.model_validate(
+                {
+                    "AUDIT_DATABASE_URL": db["a"],
+                    "AUDIT_PORT": 0,
+                    # 32 raw bytes, base64: a fixed test key (nothing written under var/)
+                    "AUDIT_SIGNING_KEY": "dGVzdC1vbmx5LWF1ZGl0LWNoZWNrcG9pbnQta2V5ISE=",
+                }
+            ),
             messaging["a"],
         ),
     }

@@ -29,6 +29,9 @@ from tributary.testkit.infra import Found
 
 from .test_handlers import user_created, user_created_v1, workspace_created
 
+TEST_SIGNING_KEY = "dGVzdC1vbmx5LWF1ZGl0LWNoZWNrcG9pbnQta2V5ISE="
+"""32 raw bytes, base64: a fixed Ed25519 key for tests (nothing is written under var/)."""
+
 T1 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 T2 = datetime(2026, 3, 1, 11, 0, tzinfo=UTC)
 T3 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -78,11 +81,18 @@ class Audit:
 
 @asynccontextmanager
 async def audit_service(
-    database_url: str, rabbitmq: Found, pii_key: str | None = None
+    database_url: str, rabbitmq: Found, pii_key: str | None = None, **env: Any
 ) -> AsyncIterator[Audit]:
+    """``env``: more settings by their names (AUDIT_CHECKPOINT_EVERY=2)."""
     messaging = isolated_settings(rabbitmq.url)
     settings = Settings.model_validate(
-        {"AUDIT_DATABASE_URL": database_url, "AUDIT_PORT": 0, "AUDIT_PII_KEY": pii_key}
+        {
+            "AUDIT_DATABASE_URL": database_url,
+            "AUDIT_PORT": 0,
+            "AUDIT_PII_KEY": pii_key,
+            "AUDIT_SIGNING_KEY": TEST_SIGNING_KEY,
+            **env,
+        }
     )
     app = create_app(settings, messaging)
     recorder = OutcomeRecorder()

@@ -6,16 +6,25 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col, select
 
 from tributary.audit import chain
-from tributary.audit.models import AuditEntry, AuditPage, Verification
+from tributary.audit.checkpoints import Signer
+from tributary.audit.models import (
+    AuditCheckpoint,
+    AuditEntry,
+    AuditPage,
+    CheckpointPage,
+    CheckpointRef,
+    SigningKey,
+    Verification,
+)
 from tributary.contracts.catalog import NAMESPACE, CatalogError, catalog
 from tributary.messaging.db import as_utc
 from tributary.service.app import SessionDep
-from tributary.service.auth import require
+from tributary.service.auth import public, require
 from tributary.service.problems import invalid
 
 router = APIRouter(tags=["audit"])
@@ -121,6 +130,46 @@ async def list_entries(
     response_model_exclude_none=True,
     dependencies=[require("audit:verify")],
 )
-async def verify_chain(session: SessionDep) -> Verification:
-    """Recompute the hash chain from the first entry; name the first entry that breaks it."""
-    return await chain.verify(session)
+async def verify_chain(
+    request: Request,
+    session: SessionDep,
+    full: Annotated[
+        bool, Query(description="Recompute from the first entry, not the last verified checkpoint")
+    ] = False,
+) -> Verification:
+    """Recompute the hash chain and check it reaches the head of every signed checkpoint.
+
+    Names the first entry that breaks it: a bad link, a rewrite (even with every later hash
+    recomputed: a checkpoint's head no longer matches), a reorder, or a truncation behind a
+    checkpoint. Starts from the last checkpoint an earlier call verified unless `full`.
+    """
+    signer: Signer = request.app.state.signer
+    known: CheckpointRef | None = request.app.state.verified
+    result = await chain.verify(session, public_key=signer.public_key, known=known, full=full)
+    if result.ok and result.checkpoint is not None:
+        request.app.state.verified = result.checkpoint
+    return result
+
+
+@router.get(
+    "/audit/checkpoints", response_model=CheckpointPage, dependencies=[require("audit:read")]
+)
+async def list_checkpoints(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    before_seq: Annotated[int | None, Query(ge=1, le=MAX_SEQ)] = None,
+) -> dict[str, Any]:
+    """Signed checkpoints, newest first (`before_seq` reads on)."""
+    query = select(AuditCheckpoint)
+    if before_seq is not None:
+        query = query.where(col(AuditCheckpoint.seq) < before_seq)
+    rows = (await session.exec(query.order_by(col(AuditCheckpoint.seq).desc()).limit(limit))).all()
+    return {"checkpoints": list(rows)}
+
+
+@router.get("/audit/checkpoints/key", response_model=SigningKey, dependencies=[public()])
+async def checkpoint_key(request: Request) -> SigningKey:
+    """The public key checkpoints are signed with (public: verifiers need it; compare it with
+    a copy obtained out of band before trusting it)."""
+    signer: Signer = request.app.state.signer
+    return SigningKey(key_id=signer.key_id, public_key=signer.public_key)

@@ -9,20 +9,32 @@ branching.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tributary.audit.models import AuditEntry, Verification
-from tributary.messaging.db import as_utc
+from tributary.audit.models import AuditCheckpoint, AuditEntry, CheckpointRef, Verification
+from tributary.contracts.audit_chain import (
+    GENESIS,
+    checkpoint_message,
+    hash_fields,
+    instant,
+    unb64,
+)
+from tributary.contracts.audit_chain import canonical_json as canonical_json
 
-GENESIS = "0" * 64
-"""The ``prev_hash`` of the first entry."""
+__all__ = [
+    "GENESIS",
+    "append",
+    "canonical_json",
+    "entry_hash",
+    "signature_holds",
+    "verify",
+]
 
 CHAIN_LOCK = 0x7472_6962_6175_6400
 """PostgreSQL advisory lock key held by whoever is appending (``"tribaud\\0"``)."""
@@ -30,32 +42,24 @@ CHAIN_LOCK = 0x7472_6962_6175_6400
 VERIFY_PAGE = 500
 
 
-def canonical_json(value: Any) -> str:
-    """Sorted keys, no spaces, UTF-8 as is: the same bytes for the same content everywhere."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _instant(value: datetime) -> str:
-    return as_utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def entry_hash(entry: AuditEntry, prev_hash: str) -> str:
     """SHA-256 (hex) of the canonical JSON of ``prev_hash`` and every field of ``entry``."""
-    fields = {
-        "prev_hash": prev_hash,
-        "seq": entry.seq,
-        "event_id": entry.event_id,
-        "type": entry.type,
-        "data_type": entry.data_type,
-        "source": entry.source,
-        "subject": entry.subject,
-        "correlation_id": entry.correlation_id,
-        "causation_id": entry.causation_id,
-        "event_time": _instant(entry.event_time),
-        "recorded_at": _instant(entry.recorded_at),
-        "data": entry.data,
-    }
-    return hashlib.sha256(canonical_json(fields).encode()).hexdigest()
+    return hash_fields(
+        {
+            "prev_hash": prev_hash,
+            "seq": entry.seq,
+            "event_id": entry.event_id,
+            "type": entry.type,
+            "data_type": entry.data_type,
+            "source": entry.source,
+            "subject": entry.subject,
+            "correlation_id": entry.correlation_id,
+            "causation_id": entry.causation_id,
+            "event_time": instant(entry.event_time),
+            "recorded_at": instant(entry.recorded_at),
+            "data": entry.data,
+        }
+    )
 
 
 async def append(session: AsyncSession, entry: AuditEntry) -> AuditEntry:
@@ -77,8 +81,7 @@ async def append(session: AsyncSession, entry: AuditEntry) -> AuditEntry:
     return entry
 
 
-async def _in_order(session: AsyncSession) -> AsyncIterator[AuditEntry]:
-    after = 0
+async def _in_order(session: AsyncSession, after: int = 0) -> AsyncIterator[AuditEntry]:
     while True:
         page = (
             await session.exec(
@@ -104,12 +107,81 @@ def _gap(expected: int, found: int) -> str:
     return f"entries {expected} to {found - 1} are missing"
 
 
-async def verify(session: AsyncSession) -> Verification:
-    """Recompute the chain from the first entry; report the first link that does not hold."""
-    checked = 0
-    prev_seq, prev_hash = 0, GENESIS
-    async for entry in _in_order(session):
+def signature_holds(public_key: str, seq: int, head: str, signed_at: datetime, sig: str) -> bool:
+    """Whether ``sig`` is the signature of ``public_key`` (base64url raw) over the checkpoint."""
+    try:
+        key = Ed25519PublicKey.from_public_bytes(unb64(public_key))
+        key.verify(unb64(sig), checkpoint_message(seq, head, signed_at))
+    except (ValueError, InvalidSignature):
+        return False
+    return True
+
+
+async def _trusted_checkpoints(
+    session: AsyncSession, public_key: str | None, after: int
+) -> dict[int, str] | Verification:
+    """Heads by seq of the checkpoints after ``after`` signed with ``public_key``; a
+    Verification if one of them carries a signature that does not hold (a forged row)."""
+    if public_key is None:
+        return {}
+    rows = (
+        await session.exec(
+            select(AuditCheckpoint)
+            .where(col(AuditCheckpoint.seq) > after)
+            .where(col(AuditCheckpoint.public_key) == public_key)
+            .order_by(col(AuditCheckpoint.seq))
+        )
+    ).all()
+    heads: dict[int, str] = {}
+    for row in rows:
+        if not signature_holds(public_key, row.seq, row.head, row.signed_at, row.signature):
+            return Verification(
+                ok=False,
+                entries=0,
+                broken_at=row.seq,
+                reason=f"checkpoint {row.seq}'s signature does not hold: it was forged",
+            )
+        heads[row.seq] = row.head
+    return heads
+
+
+async def verify(
+    session: AsyncSession,
+    *,
+    public_key: str | None = None,
+    known: CheckpointRef | None = None,
+    full: bool = False,
+) -> Verification:
+    """Recompute the chain and check it reaches every signed checkpoint's head.
+
+    ``public_key`` (base64url raw Ed25519) selects the checkpoints to trust: those of the
+    table signed with it. ``known`` is a checkpoint verified before (kept outside the
+    database): unless ``full``, verification starts there when the entry at its seq still
+    has its head, and it counts as a checkpoint even if its row is gone. Report the first
+    entry that breaks the chain: a bad link, or, when the links hold but do not reach a
+    checkpoint's head (rewritten and re-hashed, reordered), the first entry after the last
+    checkpoint that still holds; entries missing up to a checkpoint are a truncation.
+    """
+    start_seq, start_hash = 0, GENESIS
+    if known is not None and not full:
+        at = (
+            await session.exec(select(AuditEntry.hash).where(col(AuditEntry.seq) == known.seq))
+        ).first()
+        if at == known.head:
+            start_seq, start_hash = known.seq, known.head
+    heads = await _trusted_checkpoints(session, public_key, start_seq)
+    if isinstance(heads, Verification):
+        return heads
+    if known is not None and known.seq > start_seq:
+        heads.setdefault(known.seq, known.head)
+    checked = start_seq
+    prev_seq, prev_hash = start_seq, start_hash
+    good: CheckpointRef | None = (
+        CheckpointRef(seq=start_seq, head=start_hash) if start_seq else None
+    )
+    async for entry in _in_order(session, start_seq):
         reason = None
+        broken_at = entry.seq
         if entry.seq != prev_seq + 1:
             reason = _gap(prev_seq + 1, entry.seq)
         elif entry.prev_hash != prev_hash:
@@ -120,8 +192,32 @@ async def verify(session: AsyncSession) -> Verification:
             )
         elif entry_hash(entry, prev_hash) != entry.hash:
             reason = "the entry's content does not match its hash"
+        elif entry.seq in heads and heads[entry.seq] != entry.hash:
+            first = good.seq + 1 if good is not None else 1
+            reason = (
+                f"the chain does not reach the head checkpoint {entry.seq} signed: an entry "
+                f"from {first} to {entry.seq} was rewritten, reordered or replaced"
+            )
+            broken_at, checked = first, first - 1
         if reason is not None:
-            return Verification(ok=False, entries=checked, broken_at=entry.seq, reason=reason)
-        checked += 1
+            return Verification(
+                ok=False, entries=checked, broken_at=broken_at, reason=reason, checkpoint=good
+            )
+        if entry.seq in heads:
+            good = CheckpointRef(seq=entry.seq, head=entry.hash)
+        checked = entry.seq
         prev_seq, prev_hash = entry.seq, entry.hash
-    return Verification(ok=True, entries=checked, head=prev_hash if checked else None)
+    beyond = [seq for seq in heads if seq > prev_seq]
+    if beyond:
+        last = max(beyond)
+        return Verification(
+            ok=False,
+            entries=checked,
+            broken_at=prev_seq + 1,
+            reason=f"entries {prev_seq + 1} to {last} are missing: checkpoint {last} "
+            "signed a longer chain (the log was cut short)",
+            checkpoint=good,
+        )
+    return Verification(
+        ok=True, entries=checked, head=prev_hash if checked else None, checkpoint=good
+    )

@@ -38,6 +38,49 @@ class AuditEntry(SQLModel, table=True):
     hash: str = Field(default="", max_length=64, unique=True)
 
 
+class AuditCheckpoint(SQLModel, table=True):
+    """A signed head of the chain (see ``checkpoints``); also published as an event."""
+
+    __tablename__ = "audit_checkpoints"
+
+    seq: int = Field(
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=False
+        ),
+    )
+    head: str = Field(max_length=64)
+    signed_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+    key_id: str = Field(max_length=16)
+    public_key: str = Field(max_length=43)
+    signature: str = Field(max_length=86)
+
+
+class AuditCheckpointPublic(SQLModel):
+    seq: int
+    head: str
+    signed_at: datetime
+    key_id: str
+    public_key: str
+    signature: str
+
+
+class CheckpointPage(SQLModel):
+    checkpoints: list[AuditCheckpointPublic]
+    """Newest first."""
+
+
+class SigningKey(SQLModel):
+    key_id: str
+    public_key: str
+    """The raw Ed25519 public key, base64url without padding."""
+    algorithm: str = "Ed25519"
+
+
+class CheckpointRef(SQLModel):
+    seq: int
+    head: str
+
+
 class AuditEntryPublic(SQLModel):
     seq: int
     event_id: str
@@ -68,3 +111,5 @@ class Verification(SQLModel):
     """Hash of the last entry when ``ok``: keep it elsewhere to detect truncation later."""
     broken_at: int | None = None
     reason: str | None = None
+    checkpoint: CheckpointRef | None = None
+    """The latest signed checkpoint the chain was checked against (None: there is none yet)."""

@@ -12,6 +12,18 @@ class Settings(ServiceSettings):
     port: int = Field(default=8004, validation_alias="AUDIT_PORT")
     pii_key: SecretStr | None = Field(default=None, validation_alias="AUDIT_PII_KEY")
     """When set, PII fields are stored as keyed hashes (equal values stay comparable)."""
+    checkpoint_every: int = Field(default=100, ge=1, validation_alias="AUDIT_CHECKPOINT_EVERY")
+    """Sign a checkpoint after this many entries..."""
+    checkpoint_seconds: float = Field(
+        default=60.0, gt=0, validation_alias="AUDIT_CHECKPOINT_SECONDS"
+    )
+    """...or after this many seconds, whichever comes first (only if the head moved)."""
+    signing_key: SecretStr | None = Field(default=None, validation_alias="AUDIT_SIGNING_KEY")
+    """Ed25519 private key for checkpoints: PEM (PKCS#8) or base64 of the 32 raw bytes."""
+    signing_key_file: str = Field(
+        default="var/audit-signing-key", validation_alias="AUDIT_SIGNING_KEY_FILE"
+    )
+    """Where a key is generated (mode 0600) when AUDIT_SIGNING_KEY is unset, or read from."""
 
     @property
     def pii_key_bytes(self) -> bytes | None:
