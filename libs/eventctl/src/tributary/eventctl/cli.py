@@ -26,6 +26,7 @@ from tributary.contracts.compat import (
     default_base,
     materialize_ref,
 )
+from tributary.eventctl.audit import add_audit_commands
 from tributary.eventctl.commands import add_dlq_commands, add_replay_commands
 from tributary.eventctl.erase import add_erase_command
 from tributary.eventctl.outbox import add_outbox_commands
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_commands(groups)
     add_outbox_commands(groups)
     add_erase_command(groups)
+    add_audit_commands(groups)
     return parser
 
 
