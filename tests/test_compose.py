@@ -212,7 +212,13 @@ def _expected_environment(name: str) -> set[str]:
         return names | {"SMTP_HOST", "SMTP_PORT", "EMAIL_ADDRESS_KEY"}
     if name == "identity":  # rate-limit counts shared by its replicas; the built-in owner's key
         return names | {"REDIS_URL", "BOOTSTRAP_ADMIN_API_KEY"}
+    if name == "audit":  # runs as an append-only role; migrations as the tables' owner
+        return names | {"AUDIT_MIGRATION_DATABASE_URL", "AUDIT_APP_ROLE"}
     return names
+
+
+DATABASE_USERS = {"audit": "audit_app:audit_app"}
+"""Services that do not connect as the server's superuser."""
 
 
 def _settings_class(name: str) -> Any:
@@ -244,8 +250,9 @@ def test_environment_uses_the_fixed_names(services: dict[str, Any], name: str) -
 
     assert set(environment) == _expected_environment(name)
     assert environment["RABBITMQ_URL"] == "amqp://guest:guest@rabbitmq:5672/"
+    user = DATABASE_USERS.get(name, "postgres:postgres")
     assert environment[f"{name.upper()}_DATABASE_URL"] == (
-        f"postgresql+asyncpg://postgres:postgres@postgres:5432/{name}"
+        f"postgresql+asyncpg://{user}@postgres:5432/{name}"
     )
     assert environment["HOST"] == "0.0.0.0"
     assert environment["OTEL_SERVICE_NAME"] == name

@@ -77,7 +77,8 @@ def create_app(spec: ServiceSpec) -> FastAPI:
         async with AsyncExitStack() as stack:
             stack.push_async_callback(limits.close, app)
             if spec.migrations is not None:
-                await migrations.upgrade(spec.migrations, spec.settings.database_url)
+                owner_url = spec.settings.migration_database_url or spec.settings.database_url
+                await migrations.upgrade(spec.migrations, owner_url)
             engine = create_engine(spec.settings.database_url)
             if spec.migrations is None:
                 async with engine.begin() as conn:

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from tributary.audit.api import router
 from tributary.audit.checkpoints import Signer, checkpoint_periodically, load_signing_key
 from tributary.audit.handlers import Checkpointing, build_handlers
+from tributary.audit.roles import grant_app_role
 from tributary.audit.settings import Settings
 from tributary.messaging.bus import Bus
 from tributary.messaging.settings import MessagingSettings
@@ -24,6 +25,10 @@ def create_app(
     signer = Signer(load_signing_key(settings))
 
     async def startup(stack: AsyncExitStack, app: FastAPI) -> None:
+        if settings.app_role is not None:  # after the migrations, as the tables' owner
+            await grant_app_role(
+                settings.migration_database_url or settings.database_url, settings.app_role
+            )
         app.state.signer = signer
         app.state.verified = None  # the last checkpoint /audit/verify found the chain reaches
 

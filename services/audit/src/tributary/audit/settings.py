@@ -9,6 +9,15 @@ class Settings(ServiceSettings):
     database_url: str = Field(
         default="sqlite+aiosqlite:///var/audit.db", validation_alias="AUDIT_DATABASE_URL"
     )
+    migration_database_url: str | None = Field(
+        default=None, validation_alias="AUDIT_MIGRATION_DATABASE_URL"
+    )
+    """The tables' owner, for migrations and grants (default: AUDIT_DATABASE_URL)."""
+    app_role: str | None = Field(
+        default=None, pattern=r"^[a-z_][a-z0-9_]{0,62}$", validation_alias="AUDIT_APP_ROLE"
+    )
+    """PostgreSQL role the service runs as (AUDIT_DATABASE_URL's user): at start-up the owner
+    grants it INSERT and SELECT on the log and what the runtime tables need, nothing more."""
     port: int = Field(default=8004, validation_alias="AUDIT_PORT")
     pii_key: SecretStr | None = Field(default=None, validation_alias="AUDIT_PII_KEY")
     """When set, PII fields are stored as keyed hashes (equal values stay comparable)."""
