@@ -2,7 +2,8 @@
 
 Commands are grouped (``eventctl <group> <command>``): ``contracts check``, ``dlq list``,
 ``dlq replay``, ``dlq archive``, ``replay outbox``, ``queue show``, ``queue migrate``,
-``outbox parked``, ``outbox resend`` and ``erase``.
+``outbox parked``, ``outbox resend``, ``erase``, ``broker definitions`` and
+``broker provision``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tributary.contracts.compat import (
     materialize_ref,
 )
 from tributary.eventctl.audit import add_audit_commands
+from tributary.eventctl.broker_commands import add_broker_commands
 from tributary.eventctl.commands import add_dlq_commands, add_replay_commands
 from tributary.eventctl.erase import add_erase_command
 from tributary.eventctl.outbox import add_outbox_commands
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_outbox_commands(groups)
     add_erase_command(groups)
     add_audit_commands(groups)
+    add_broker_commands(groups)
     return parser
 
 
