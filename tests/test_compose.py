@@ -350,3 +350,29 @@ def test_dockerfile_healthcheck_is_valid_python_hitting_ready() -> None:
     assert argv[:2] == ["python", "-c"]
     assert "/health/ready" in argv[2]
     compile(argv[2], "<healthcheck>", "exec")
+
+
+def test_the_broker_loads_the_committed_users_at_boot(services: dict[str, Any]) -> None:
+    """deploy/rabbitmq/definitions.json is mounted and named by load_definitions; since a node
+    that loads definitions creates no default user, guest is in it for every service's URL."""
+    mounts = {}
+    for entry in services["rabbitmq"]["volumes"]:
+        source, target, *mode = str(entry).split(":")
+        mounts[target] = (source, mode)
+    definitions_target = "/etc/rabbitmq/definitions.json"
+    conf_target = "/etc/rabbitmq/conf.d/20-definitions.conf"
+    assert mounts[definitions_target] == ("./deploy/rabbitmq/definitions.json", ["ro"])
+    assert mounts[conf_target] == ("./deploy/rabbitmq/20-definitions.conf", ["ro"])
+    conf = (ROOT / mounts[conf_target][0]).read_text()
+    assert re.search(rf"^load_definitions = {re.escape(definitions_target)}$", conf, re.M)
+
+    document = json.loads((ROOT / mounts[definitions_target][0]).read_text())
+    users = {user["name"]: user for user in document["users"]}
+    assert {"/"} == {vhost["name"] for vhost in document["vhosts"]}
+    for name in DEV_NAMES:
+        broker = urlsplit(_environment(services[name])["RABBITMQ_URL"])
+        assert broker.username in users, f"{name} connects as a user the broker would not have"
+        assert broker.path in ("", "/")
+        assert name in users, f"no broker user of its own for {name}"
+    everything = {"user": "guest", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
+    assert everything in document["permissions"]
