@@ -29,6 +29,7 @@ from tributary.eventctl.access import (
     render,
 )
 from tributary.eventctl.cli import main
+from tributary.eventctl.provision import differences
 from tributary.messaging.topology import Names
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -171,3 +172,39 @@ def test_the_command_writes_the_file(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     assert main(["broker", "definitions", "--passwords-from-env", "--name-prefix", ""]) == 2
     assert "TRIBUTARY_BROKER_PASSWORD_" in capsys.readouterr().err
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+
+
+@given(encoded=st.text(max_size=64), password=st.text(max_size=16))
+def test_any_stored_hash_is_checked_without_error(encoded: str, password: str) -> None:
+    assert hash_matches(password, encoded) is (encoded == password_hash(password, _salt(encoded)))
+
+
+def _salt(encoded: str) -> bytes:
+    try:
+        return base64.b64decode(encoded, validate=True)[:4]
+    except ValueError:
+        return b""
+
+
+@given(
+    current=st.dictionaries(
+        st.sampled_from(["users", "vhosts", "permissions", "topic_permissions", "other"]), _JSON
+    )
+)
+def test_any_exported_definitions_are_diffed_without_error(current: dict[str, object]) -> None:
+    """What the broker exports is foreign input: odd shapes mean "differs", never a crash."""
+    plan = plan_access(catalog(), vhost="v")
+    secrets = passwords(plan, from_env=False)
+    changes, patch = differences(plan, secrets, current)
+    # no random hash verifies a password: every user is (re)written, with its permissions
+    assert [u["name"] for u in patch["users"]] == [u.name for u in plan.users]
+    assert len(patch["permissions"]) == len(plan.users)
+    assert set(patch) <= {"users", "vhosts", "permissions", "topic_permissions"}
+    assert len(changes) >= 2 * len(plan.users)

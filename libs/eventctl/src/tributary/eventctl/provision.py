@@ -157,6 +157,12 @@ def _tags(value: object) -> tuple[str, ...]:
     return ()
 
 
+def _rows(document: Mapping[str, Any], section: str) -> list[dict[str, Any]]:
+    """The objects of one section of a definitions document (anything else is ignored)."""
+    rows = document.get(section)
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+
+
 def _user_entry(user: BrokerUser, password: str) -> dict[str, Any]:
     return {
         "name": user.name,
@@ -179,18 +185,18 @@ def differences(
         "permissions": [],
         "topic_permissions": [],
     }
-    if vhost not in {v.get("name") for v in current.get("vhosts") or []}:
+    if vhost not in {v.get("name") for v in _rows(current, "vhosts")}:
         patch["vhosts"].append({"name": vhost})
         changes.append(f"vhost {vhost}: created")
-    users = {u.get("name"): u for u in current.get("users") or []}
+    users = {u.get("name"): u for u in _rows(current, "users")}
     granted = {
         p.get("user"): (p.get("configure"), p.get("write"), p.get("read"))
-        for p in current.get("permissions") or []
+        for p in _rows(current, "permissions")
         if p.get("vhost") == vhost
     }
     topics = {
         (t.get("user"), t.get("exchange")): (t.get("write"), t.get("read"))
-        for t in current.get("topic_permissions") or []
+        for t in _rows(current, "topic_permissions")
         if t.get("vhost") == vhost
     }
     for user in plan.users:
