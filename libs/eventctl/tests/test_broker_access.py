@@ -41,7 +41,8 @@ def test_the_committed_definitions_are_what_the_catalog_generates() -> None:
     expected = render(definitions(plan, passwords(plan, from_env=False), demo=True))
     assert COMMITTED.read_text(encoding="utf-8") == expected, (
         "deploy/rabbitmq/definitions.json is stale: run "
-        "`eventctl broker definitions --demo-guest --out deploy/rabbitmq/definitions.json`"
+        "`eventctl broker definitions --demo-guest --name-prefix '' "
+        "--out deploy/rabbitmq/definitions.json`"
     )
 
 
