@@ -30,8 +30,9 @@ fmt: sync  ## format and autofix
 	$(RUN) ruff format .
 	$(RUN) ruff check --fix .
 
-contracts: sync  ## regenerate contracts/asyncapi.yaml from the catalog
+contracts: sync  ## regenerate contracts/asyncapi.yaml and deploy/rabbitmq/definitions.json from the catalog
 	$(RUN) python -m tributary.contracts.asyncapi --write
+	$(RUN) eventctl broker definitions --demo-guest --name-prefix '' --out deploy/rabbitmq/definitions.json
 
 dev: sync  ## every service as a local process (needs RABBITMQ_URL or a local broker)
 	$(RUN) python scripts/dev.py
