@@ -18,8 +18,8 @@ from schemathesis import GenerationMode
 
 from .stack import SIGNUP_SERVICES, Stack
 
-EXAMPLES = 30
-"""Per operation and generation mode; about 2,000 requests over the four services."""
+EXAMPLES = 25
+"""Per operation and generation mode: about 1,800 requests over the four services."""
 
 
 FUZZ = settings(
