@@ -19,7 +19,7 @@ from schemathesis import GenerationMode
 from .stack import SIGNUP_SERVICES, Stack
 
 EXAMPLES = 25
-"""Per operation and generation mode: about 1,800 requests over the four services."""
+"""Per operation and generation mode: some 2,000 requests over the four services."""
 
 
 FUZZ = settings(
