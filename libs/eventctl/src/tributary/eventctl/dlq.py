@@ -10,18 +10,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+from tributary.contracts.catalog import catalog
+from tributary.eventctl.access import OPERATOR
 from tributary.eventctl.archive import ArchiveFile, record
 from tributary.eventctl.broker import HeldReader, require_queue
 from tributary.eventctl.entries import DlqEntry, Selector, original_routing_key
 from tributary.eventctl.report import Counts
 from tributary.messaging import headers as h
 from tributary.messaging.publisher import Publisher
+from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.topology import QueueSet
 
 # what the runtime adds when it gives up on a message: a replayed copy starts afresh
@@ -43,12 +47,47 @@ class Scope:
         return self.limit is not None and counts.selected >= self.limit
 
 
-def replay_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
-    """The original body and properties, without the failure and broker headers."""
+def consumer_services(queues: QueueSet) -> tuple[str, ...]:
+    """The services consuming a queue set: the service, or a command's consumers."""
+    spec = catalog().types.get(queues.consumer)
+    if spec is not None and spec.kind == "command":
+        return spec.consumers
+    return (queues.consumer,)
+
+
+def dlq_trust(queues: QueueSet, user_prefix: str) -> dict[str, str | None]:
+    """The users whose copies in this DLQ may name their original producer (the consumer
+    itself and the operator), as :func:`tributary.messaging.headers.producer_of` takes them."""
+    trusted: dict[str, str | None] = {f"{user_prefix}{OPERATOR}": None}
+    for service in consumer_services(queues):
+        trusted[f"{user_prefix}{service}"] = service
+    return trusted
+
+
+def replay_copy(
+    message: AbstractIncomingMessage,
+    *,
+    user_prefix: str = "",
+    trusted: Mapping[str, str | None] | None = None,
+) -> aio_pika.Message:
+    """The original body and properties, without the failure and broker headers.
+
+    With ``trusted`` (see :func:`dlq_trust`), the copy names the message's producer as the
+    consumer's sender check computes it: a producer header put into the DLQ by anyone but
+    the consumer or the operator is replaced by that sender, and dropped if none is known.
+    The operator publishes the copy, so the consumer trusts that header.
+    """
     extra = {}
+    drop = set(FAILURE_HEADERS)
     if h.ROUTING_KEY not in (message.headers or {}) and (key := original_routing_key(message)):
         extra[h.ROUTING_KEY] = key
-    return h.copy_of(message, extra, drop=FAILURE_HEADERS)
+    if trusted is not None:
+        producer = h.producer_of(message, prefix=user_prefix, trusted=trusted)
+        if producer is None:
+            drop.add(h.PRODUCER)
+        else:
+            extra[h.PRODUCER] = producer
+    return h.copy_of(message, extra, drop=drop)
 
 
 def identity(message: AbstractIncomingMessage) -> Identity | None:
@@ -84,14 +123,21 @@ async def replay(
     *,
     batch: int,
     dry_run: bool,
+    user_prefix: str | None = None,
 ) -> Counts:
-    """Republish selected messages to ``queues.work``; ack each DLQ copy after its confirm."""
+    """Republish selected messages to ``queues.work``; ack each DLQ copy after its confirm.
+
+    ``user_prefix``: the broker user prefix (default ``TRIBUTARY_BROKER_USER_PREFIX``), to
+    name each copy's producer for the consumer's sender check.
+    """
     await require_queue(connection, queues.work)
+    if user_prefix is None:
+        user_prefix = MessagingSettings().broker_user_prefix
     publisher = Publisher(connection, in_flight=batch)
     await publisher.open()
     try:
         async with HeldReader(connection, queues.dlq) as reader:
-            run = _Replay(reader, publisher, queues.work, batch)
+            run = _Replay(reader, publisher, queues.work, batch, user_prefix, queues)
             await run.run(scope, dry_run=dry_run)
             return run.counts
     finally:
@@ -105,8 +151,18 @@ class _Replay:
     duplicate once the first copy is confirmed, and stays in the DLQ if that failed.
     """
 
-    def __init__(self, reader: HeldReader, publisher: Publisher, target: str, batch: int) -> None:
+    def __init__(
+        self,
+        reader: HeldReader,
+        publisher: Publisher,
+        target: str,
+        batch: int,
+        user_prefix: str,
+        queues: QueueSet,
+    ) -> None:
         self.counts = Counts()
+        self._user_prefix = user_prefix
+        self._trusted = dlq_trust(queues, user_prefix)
         self._reader = reader
         self._publisher = publisher
         self._target = target
@@ -163,7 +219,8 @@ class _Replay:
         return not any(isinstance(r, BaseException) for r in results)
 
     async def _republish(self, message: AbstractIncomingMessage) -> None:
-        await self._publisher.publish("", self._target, replay_copy(message))
+        copy = replay_copy(message, user_prefix=self._user_prefix, trusted=self._trusted)
+        await self._publisher.publish("", self._target, copy)
         self.counts.republished += 1
         if (key := identity(message)) is not None:
             self._confirmed.add(key)

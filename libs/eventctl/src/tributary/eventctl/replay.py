@@ -90,8 +90,12 @@ def _app_id(body: bytes) -> str:
     return source.removeprefix("/services/") if isinstance(source, str) else ""
 
 
-def replay_headers(routing_key: str, *, force: bool) -> dict[str, Any]:
+def replay_headers(routing_key: str, *, force: bool, producer: str = "") -> dict[str, Any]:
+    """The replay marks; ``producer`` (the service whose outbox it is) is named for the
+    consumer's sender check, which trusts it on the operator's copies."""
     marks: dict[str, Any] = {h.REPLAY: "1", h.ROUTING_KEY: routing_key}
+    if producer:
+        marks[h.PRODUCER] = producer
     if force:
         marks[REPLAY_FORCED] = "1"
     return marks
@@ -152,7 +156,9 @@ async def replay_outbox(
                             app_id=_app_id(row.body),
                             correlation_id=row.correlation_id,
                             timestamp=row.created_at,
-                            headers=replay_headers(row.routing_key, force=force),
+                            headers=replay_headers(
+                                row.routing_key, force=force, producer=_app_id(row.body)
+                            ),
                         ),
                     )
                     for row in rows

@@ -17,11 +17,13 @@ from tributary.messaging.consumer import (
     OutcomeListener,
     QueueConsumer,
     Subscription,
+    sender_trust,
 )
 from tributary.messaging.db import session_factory
 from tributary.messaging.erasure import (
     DeadLetterQueueMissing,
     PersonMatcher,
+    Provenance,
     SweepCounts,
     sweep_queue,
 )
@@ -193,9 +195,15 @@ class Bus:
         if self._connection is None or self.publisher is None:
             raise RuntimeError(f"{self.service}: the bus is not started")
         counts = SweepCounts()
+        provenance = None
+        if self.settings.verify_sender:
+            trust = sender_trust(self.service, self.publisher.user, self.settings)
+            provenance = Provenance(self.settings.broker_user_prefix, trust)
         for qs, _subs in self._queue_sets():
             try:
-                counts += await sweep_queue(self._connection, self.publisher, qs.dlq, matcher)
+                counts += await sweep_queue(
+                    self._connection, self.publisher, qs.dlq, matcher, provenance=provenance
+                )
             except DeadLetterQueueMissing:  # deleted by hand: nothing in it to erase
                 log.warning("%s: no queue %s to sweep", self.service, qs.dlq)
         return counts

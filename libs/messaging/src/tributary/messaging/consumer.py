@@ -77,6 +77,9 @@ Handler = Callable[[CloudEvent[Any], UnitOfWork], Awaitable[None]]
 _CLOSE_TIMEOUT = 5.0  # a broker that is gone must not hold up a shutdown
 _WATCH_SECONDS = 5.0  # how often the subscription is checked
 _STALL_SECONDS = 30.0  # a batch in hand this much longer than a handler may take: not progressing
+OPERATOR = "eventctl"
+"""The operator's broker user (without the prefix): its copies name their producer."""
+_MAX_KEY = 400  # tributary_inbox.key
 Outcome = Literal["processed", "duplicate", "retried", "dead_lettered", "requeued"]
 """``requeued``: handed back to the queue unprocessed (a stop, or a failure while settling)."""
 OutcomeListener = Callable[["OutcomeRecord"], None]
@@ -117,6 +120,13 @@ class _Prepared:
     duration: float | None = None
 
 
+def sender_trust(service: str, own_user: str, settings: MessagingSettings) -> dict[str, str | None]:
+    """The users whose copies name their original producer (retry tiers, DLQ, replay): the
+    service's own (without the header, its own publication) and the operator's."""
+    prefix = settings.broker_user_prefix
+    return {f"{prefix}{OPERATOR}": None, own_user: service, f"{prefix}{service}": service}
+
+
 def payload_hash(data: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of a payload (sorted keys, no spaces)."""
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -154,6 +164,9 @@ class QueueConsumer:
         self._listeners = listeners
         self._broker_ready = broker_ready
         self._source = f"/services/{service}"
+        self._verify = settings.verify_sender
+        self._user_prefix = settings.broker_user_prefix
+        self._trusted = sender_trust(service, getattr(publisher, "user", "guest"), settings)
         self._pending: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         # every delivery handed to us and not yet acked, nacked or rejected, by id(message),
         # with the channel and tag it came on (read while the channel is open: aio-pika refuses
@@ -478,7 +491,7 @@ class QueueConsumer:
             entry = self._unsettled.get(id(message))
             if entry is not None and entry[1].is_closed:
                 del self._unsettled[id(message)]
-                replay = headers.is_replay(message)
+                replay = self._is_replay(message)
                 self._record(
                     message,
                     "requeued",
@@ -578,6 +591,16 @@ class QueueConsumer:
             raise Rejected(
                 "unknown_type", f"{self.queues.consumer} has no handler for {event.type}"
             )
+        producer = self._producer(message)
+        if self._verify:
+            allowed = catalog().type(spec.type).producers
+            if producer not in allowed:
+                sender = repr(producer) if producer else "an unnamed sender"
+                raise Rejected(
+                    "unauthorized_producer",
+                    f"{spec.type} from {sender} (user {message.user_id!r}); "
+                    f"may be published by {', '.join(allowed) or 'nobody'}",
+                )
         try:
             validate(spec.routing_key, event.data, "tolerant")
         except SchemaViolation as exc:
@@ -601,7 +624,7 @@ class QueueConsumer:
             message=message,
             event=event.model_copy(update={"data": payload}),
             sub=sub,
-            key=event.inbox_key,
+            key=self._inbox_key(event.inbox_key, producer),
             digest=payload_hash(data),
             ctx=context.MessageContext(
                 correlation_id=event.correlationid,
@@ -610,10 +633,46 @@ class QueueConsumer:
                 event_type=event.type,
                 consumer=self.queues.consumer,
                 attempt=headers.int_header(message, headers.ATTEMPTS) + 1,
-                is_replay=headers.is_replay(message),
-                replay_forced=headers.is_forced_replay(message),
+                is_replay=self._is_replay(message),
+                replay_forced=self._is_replay(message) and headers.is_forced_replay(message),
             ),
         )
+
+    # -- the sender check ------------------------------------------------------------------
+
+    def _producer(self, message: AbstractIncomingMessage) -> str | None:
+        """The delivery's producer (see :func:`headers.producer_of`)."""
+        return headers.producer_of(message, prefix=self._user_prefix, trusted=self._trusted)
+
+    def _is_replay(self, message: AbstractIncomingMessage) -> bool:
+        """The replay marker counts only on copies of the operator (or of this service, a retry
+        of a replayed delivery) when senders are verified; anyone else's is ignored."""
+        if not headers.is_replay(message):
+            return False
+        return not self._verify or message.user_id in self._trusted
+
+    def _inbox_key(self, key: str, producer: str | None) -> str:
+        """Verified senders: the key is the producer's own, so no producer can take another's
+        key; unverified: the event's key as it is (the rows already stored stay valid)."""
+        if not self._verify or producer is None:
+            return key
+        scoped = f"{producer}|{key}"
+        if len(scoped) <= _MAX_KEY:
+            return scoped
+        return f"{producer[:100]}|sha256:{hashlib.sha256(scoped.encode()).hexdigest()}"
+
+    def _copy(self, message: AbstractIncomingMessage, extra: dict[str, Any]) -> Message:
+        """A copy for a retry queue or the DLQ that keeps who produced the delivery: the
+        verified producer in :data:`headers.PRODUCER`, a replay marker only if honoured."""
+        drop: set[str] = set()
+        if self._verify:
+            if (producer := self._producer(message)) is not None:
+                extra = {**extra, headers.PRODUCER: producer}
+            else:
+                drop.add(headers.PRODUCER)
+            if not self._is_replay(message):
+                drop |= {headers.REPLAY, headers.REPLAY_FORCED}
+        return headers.copy_of(message, extra, drop=drop)
 
     async def _transact(self, items: list[_Prepared], attempt: int | None = None) -> None:
         """Handle ``items`` in one transaction: inbox check, handlers, inbox rows, commit, ack.
@@ -803,7 +862,7 @@ class QueueConsumer:
                 message, "retries_exhausted", _describe(exc), attempts=total, prepared=p
             )
             return
-        copy = headers.copy_of(
+        copy = self._copy(
             message,
             {
                 headers.RETRIES: retries + 1,
@@ -846,10 +905,10 @@ class QueueConsumer:
         if exception is not None:
             extra[headers.EXCEPTION] = exception
         # confirmed in the DLQ before the original is acked: never lost in between
-        await self._publish_copy(self.queues.dlq, self._names.dlx, headers.copy_of(message, extra))
+        await self._publish_copy(self.queues.dlq, self._names.dlx, self._copy(message, extra))
         event_id: str | None = message.message_id
         event_type: str | None = message.type
-        replay = headers.is_replay(message)
+        replay = self._is_replay(message)
         if prepared is not None:
             event_id, event_type = prepared.event.id, prepared.event.type
         await self._ack(message, "dead_lettered", event_id, event_type, replay, reason)
@@ -872,7 +931,7 @@ class QueueConsumer:
         if self._settled(message):
             return
         await self._settle(message, message.nack(requeue=True))
-        replay = headers.is_replay(message)
+        replay = self._is_replay(message)
         self._record(message, "requeued", message.message_id, message.type, replay, None, reason)
 
     def _record(

@@ -292,18 +292,42 @@ def _encodable(value: Any) -> Any:
     return value
 
 
-def kept_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
+@dataclass(frozen=True)
+class Provenance:
+    """How the service's sender check names producers (see :func:`h.producer_of`)."""
+
+    prefix: str
+    trusted: Mapping[str, str | None]
+
+
+def kept_copy(
+    message: AbstractIncomingMessage, provenance: Provenance | None = None
+) -> aio_pika.Message:
     """The message as it was: body, properties and every header, ``x-death`` included (it
     tells why the broker dead-lettered it); only the broker's per-delivery count is left out.
-    ``user_id`` is left out too: the broker refuses one that is not the publishing user."""
+    ``user_id`` is left out too: the broker refuses one that is not the publishing user.
+
+    With ``provenance`` (the sender check is on), the copy names the message's producer, as
+    the service publishes it now: the broker's dead letters keep the producer's user id, and
+    a producer header put in by another sender is not vouched for."""
     headers = {
         k: _encodable(v) for k, v in (message.headers or {}).items() if k != "x-delivery-count"
     }
+    if provenance is not None:
+        headers.pop(h.PRODUCER, None)
+        producer = h.producer_of(message, prefix=provenance.prefix, trusted=provenance.trusted)
+        if producer is not None:
+            headers[h.PRODUCER] = producer
     return h.with_headers(message, headers)
 
 
-async def _put_back(publisher: Publisher, queue: str, message: AbstractIncomingMessage) -> None:
-    copy = kept_copy(message)
+async def _put_back(
+    publisher: Publisher,
+    queue: str,
+    message: AbstractIncomingMessage,
+    provenance: Provenance | None = None,
+) -> None:
+    copy = kept_copy(message, provenance)
     try:
         await publisher.publish("", queue, copy)
     except Exception as exc:
@@ -329,6 +353,7 @@ async def sweep_queue(
     matcher: PersonMatcher,
     *,
     batch: int = 100,
+    provenance: Provenance | None = None,
 ) -> SweepCounts:
     """Remove from ``queue`` every message that mentions the person; put the others back.
 
@@ -371,7 +396,7 @@ async def sweep_queue(
             drop = [m for m in held if not is_erasure_message(m) and matcher.in_message(m)]
             keep = [m for m in held if m not in drop]
             results = await asyncio.gather(
-                *(_put_back(publisher, queue, m) for m in keep), return_exceptions=True
+                *(_put_back(publisher, queue, m, provenance) for m in keep), return_exceptions=True
             )
             for message in drop:
                 await message.ack()

@@ -13,6 +13,7 @@ DlqReason = Literal[
     "retries_exhausted",
     "upcast_failed",
     "unexpected_error",
+    "unauthorized_producer",
 ]
 
 

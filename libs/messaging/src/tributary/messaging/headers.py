@@ -21,6 +21,11 @@ LAST_FAILURE = "x-tributary-last-failure"
 ROUTING_KEY = "x-tributary-routing-key"
 REPLAY = "x-tributary-replay"
 REPLAY_FORCED = "x-tributary-replay-forced"
+PRODUCER = "x-tributary-producer"
+"""The original producer of a copy the runtime or the operator made (retry, DLQ, replay).
+
+Trusted only on a delivery whose ``user_id`` is the consuming service's own user or the
+operator's; anyone else's ``user_id`` is its producer (see :func:`producer_of`)."""
 
 # broker bookkeeping that must not travel with a copy (it would accumulate)
 BROKER_HEADERS = ("x-death", "x-delivery-count", "x-first-death-", "x-last-death-")
@@ -71,6 +76,29 @@ def is_forced_replay(message: AbstractIncomingMessage) -> bool:
     return is_replay(message) and _flag(message, REPLAY_FORCED)
 
 
+def producer_of(
+    message: AbstractIncomingMessage, *, prefix: str, trusted: Mapping[str, str | None]
+) -> str | None:
+    """Who produced this delivery, as a catalog name (a service or a foreign producer).
+
+    The broker guarantees ``user_id`` is the publishing connection's user. A copy published
+    by a ``trusted`` user (the consuming service itself, the operator) names its original
+    producer in :data:`PRODUCER`; without that header it is that user's own publication, its
+    producer the value ``trusted`` maps the user to. Any other user is the producer, its name
+    without ``prefix``. ``None`` when nobody can be named: no ``user_id``, a user outside the
+    prefix, an operator's publication without the header.
+    """
+    user = message.user_id
+    if not user:
+        return None
+    if user in trusted:
+        recorded = header(message, PRODUCER)
+        return trusted[user] if recorded is None else (text(recorded)[:200] or None)
+    if not user.startswith(prefix):
+        return None
+    return user[len(prefix) :] or None
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -83,7 +111,8 @@ def copy_of(
 ) -> aio_pika.Message:
     """The same body and properties, broker bookkeeping and ``drop`` left out, ``extra`` added.
 
-    ``user_id`` is left out: the broker rejects one that is not the publishing user.
+    ``user_id`` is left out: the publisher sets its own (the broker rejects any other); a
+    copy that must keep naming its producer carries :data:`PRODUCER`.
     """
     headers = {
         k: v

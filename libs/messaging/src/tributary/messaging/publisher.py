@@ -76,6 +76,9 @@ class Publisher:
         timeout: float = DEFAULT_CONFIRM_TIMEOUT,
     ) -> None:
         self._connection = connection
+        # the user the connection authenticates as (aio-pika's default when the URL has none)
+        user = getattr(getattr(connection, "url", None), "user", None)
+        self.user: str = user if isinstance(user, str) and user else "guest"
         self._timeout = timeout
         self._limit = asyncio.Semaphore(in_flight)
         self._channel: AbstractChannel | None = None
@@ -109,7 +112,11 @@ class Publisher:
         on a nack and :class:`InfrastructureError` on any other failure, including no confirm
         within the timeout (the wait for a free in-flight slot counts too: the whole call is
         bounded). See the module docstring for why a failure may still have been delivered.
+
+        The message's ``user_id`` is set to the connection's user: the broker refuses any other,
+        so consumers can tell who published it (the sender check).
         """
+        message.user_id = self.user
         try:
             async with asyncio.timeout(self._timeout):
                 target = await self._exchange(exchange)

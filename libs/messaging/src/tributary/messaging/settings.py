@@ -47,3 +47,8 @@ class MessagingSettings(BaseSettings):
     """Inbox rows older than this are purged; a replay of older events is not deduplicated."""
     purge_chunk: int = Field(default=1000, ge=1)
     """Rows deleted per statement by the outbox and inbox purges."""
+    broker_user_prefix: str = ""
+    """Prefix of the broker user names (``eventctl broker provision --prefix``)."""
+    verify_sender: bool = False
+    """Check every delivery's sender (its ``user_id``) against the catalog's producers and
+    dead-letter the others as ``unauthorized_producer``; needs the per-service broker users."""
