@@ -3,9 +3,7 @@ through the outbox to the real broker, checked by /audit/verify (PostgreSQL and 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from tributary.contracts.audit_chain import checkpoint_message, unb64
 from tributary.contracts.events import AuditCheckpointV1
 from tributary.testkit.infra import Found
+from tributary.testkit.waiting import eventually
 
 from .test_api import Audit, audit_service, new_user_id
 from .test_handlers import user_created
@@ -39,14 +38,13 @@ async def checkpoint_tap(audit: Audit) -> AsyncIterator[aio_pika.abc.AbstractQue
 
 async def take(queue: aio_pika.abc.AbstractQueue, n: int, timeout: float = 15) -> list[Any]:
     found: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while len(found) < n:
-        message = await queue.get(fail=False, no_ack=True)
-        if message is None:
-            assert time.monotonic() < deadline, f"{len(found)} of {n} checkpoints"
-            await asyncio.sleep(0.05)
-            continue
-        found.append(json.loads(message.body))
+
+    async def arrived() -> bool:
+        while len(found) < n and (message := await queue.get(fail=False, no_ack=True)):
+            found.append(json.loads(message.body))
+        return len(found) >= n
+
+    await eventually(arrived, timeout=timeout, what=f"{n} checkpoints")
     return found
 
 
@@ -95,8 +93,11 @@ async def test_a_checkpoint_is_signed_after_t_seconds_when_the_head_moved(
         url, rabbitmq, AUDIT_CHECKPOINT_EVERY=1000, AUDIT_CHECKPOINT_SECONDS=0.1
     ) as audit:
         await audit.record(user_created(new_user_id()))
-        deadline = time.monotonic() + 10
-        while not (listed := (await audit.client.get("/audit/checkpoints")).json()["checkpoints"]):
-            assert time.monotonic() < deadline, "no checkpoint after 10 s"
-            await asyncio.sleep(0.05)
+        listed: list[dict[str, Any]] = []
+
+        async def signed() -> bool:
+            listed[:] = (await audit.client.get("/audit/checkpoints")).json()["checkpoints"]
+            return bool(listed)
+
+        await eventually(signed, timeout=10, what="a checkpoint after T seconds")
         assert [c["seq"] for c in listed] == [1]
