@@ -48,7 +48,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tributary.service.problems import Problem
+from tributary.service.problems import Problem, TrackedSend
 
 log = logging.getLogger("tributary.service.limits")
 
@@ -125,7 +125,7 @@ class BodyLimit:
             return
 
         received = 0
-        started = False
+        watch = TrackedSend(send)
 
         async def counted() -> Message:
             nonlocal received
@@ -139,16 +139,10 @@ class BodyLimit:
                     raise _BodyTooLarge(413, str(problem.detail), headers=problem.headers)
             return message
 
-        async def watch(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
             await self.app(scope, counted, watch)
         except _BodyTooLarge as exc:
-            if started:
+            if watch.started:
                 raise
             await exc.response()(scope, receive, send)
 

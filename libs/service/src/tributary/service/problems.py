@@ -292,6 +292,19 @@ async def server_error_handler(request: Request, exc: Exception) -> Response:
     return internal_error().response()
 
 
+class TrackedSend:
+    """ASGI ``send`` that remembers whether the response has started (too late to answer)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
 class UnhandledErrors:
     """Pure ASGI: an exception no handler answered becomes a 500 problem, logged here.
 
@@ -307,20 +320,13 @@ class UnhandledErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def watch(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        watch = TrackedSend(send)
         try:
             await self.app(scope, receive, watch)
         except Exception as exc:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             trace.get_current_span().set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            if started:  # too late to answer: let the server drop the connection
+            if watch.started:  # too late to answer: let the server drop the connection
                 raise
             await internal_error().response()(scope, receive, send)
 

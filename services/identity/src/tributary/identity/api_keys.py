@@ -18,6 +18,7 @@ from tributary.identity.schemas import ApiKeyCreate, ApiKeyIssued, ApiKeyPublic
 from tributary.messaging.db import now
 from tributary.service.app import SessionDep, UowDep
 from tributary.service.auth import Principal, require
+from tributary.service.caching import no_store
 from tributary.service.problems import problem_responses
 
 log = logging.getLogger("tributary.identity.api_keys")
@@ -37,7 +38,7 @@ async def create_api_key(
     uow: UowDep, user_id: UserIdPath, response: Response, body: ApiKeyCreate | None = None
 ) -> ApiKeyIssued:
     """Issue an API key. The `secret` is in this answer only: just its hash is kept."""
-    response.headers["Cache-Control"] = "no-store"  # the answer carries a secret
+    no_store(response)  # the answer carries a secret
     if await uow.session.get(User, user_id) is None:
         raise user_not_found(user_id)
     key, secret = ApiKey.issue(user_id, body.name if body else None)

@@ -32,6 +32,7 @@ from tributary.identity.models import ApiKey, User, hash_secret, looks_like_secr
 from tributary.identity.rates import TOKEN
 from tributary.identity.signing import ActiveKey, SigningKeys
 from tributary.service.auth import SCOPES, AuthSettings, public, scopes_for_role
+from tributary.service.caching import NO_STORE
 
 log = logging.getLogger("tributary.identity.oauth")
 router = APIRouter(tags=["tokens"])
@@ -41,7 +42,6 @@ MAX_BODY_BYTES = 8192
 """Far more than any token request needs (the form has four short fields)."""
 _PARAMETERS = ("grant_type", "scope", "client_id", "client_secret")
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,60}")
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 BASIC_CHALLENGE = 'Basic realm="tributary"'
 
 ErrorCode = Literal[
