@@ -1,0 +1,1 @@
+"""Notification: per-user channel preferences, the in-app inbox and its live stream, email."""
