@@ -1,7 +1,8 @@
 """Every service's migration chain gives the runtime tables the shape the models declare.
 
 A database made by revision 0001 (before parked rows) is upgraded with its rows in place, and a
-fresh one is built from scratch: both end up with the models' columns and indexes.
+fresh one is built from scratch: both end up with the models' columns and indexes. A database
+from just before scheduled rows gains ``deliver_at`` with its waiting rows still due at once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
@@ -111,3 +113,42 @@ async def test_the_chain_goes_down_and_up_again(service: str, database_url: str)
     await migrate(service, database_url, "head")
 
     assert await shape_of(database_url) == declared_shape()
+
+
+def revision_before(service: str, helper: str) -> str:
+    """The revision a service's chain had before the one whose upgrade calls ``helper``."""
+    scripts = ScriptDirectory.from_config(alembic_config(migrations_of(service), "sqlite://"))
+    for script in scripts.walk_revisions():
+        if helper in script.module.upgrade.__code__.co_names:
+            assert isinstance(script.down_revision, str), script.revision
+            return script.down_revision
+    raise AssertionError(f"{service}: no revision calls {helper}")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_a_database_from_before_scheduled_rows_gains_deliver_at_and_keeps_its_rows(
+    service: str, database_url: str
+) -> None:
+    await migrate(service, database_url, revision_before(service, "schedule_outbox_rows"))
+    engine = create_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO tributary_outbox (event_id, routing_key, body, trace_headers,"
+                " created_at, attempts) VALUES ('e-1', 'user.created.v2', :body, '{}',"
+                " CURRENT_TIMESTAMP, 0)"
+            ),
+            {"body": b"{}"},
+        )
+    await migrate(service, database_url, "head")
+
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT event_id, deliver_at FROM tributary_outbox"))).all()
+    await engine.dispose()
+    assert [tuple(r) for r in rows] == [("e-1", None)]  # published at once, as before
+    columns, indexes = (await shape_of(database_url))["tributary_outbox"]
+    assert "deliver_at" in columns
+    assert (
+        "ix_tributary_outbox_waiting",
+        ("published_at", "parked_at", "deliver_at", "seq"),
+    ) in indexes

@@ -55,9 +55,13 @@ class OutboxRow(SQLModel, table=True):
     """An event committed with the domain change that caused it, waiting for the relay."""
 
     __tablename__ = "tributary_outbox"
-    # the relay's claim (unpublished, not parked, in seq order) reads this index in order and
-    # skips no parked rows; the purge and the gauges use its leading column
-    __table_args__ = (Index("ix_tributary_outbox_waiting", "published_at", "parked_at", "seq"),)
+    # the relay's claims read this index in order and skip no parked or not-yet-due rows:
+    # rows to publish at once (deliver_at NULL) in seq order, scheduled rows due by now in
+    # (deliver_at, seq) order, and the next scheduled row to come due; the purge and the
+    # gauges use its leading column
+    __table_args__ = (
+        Index("ix_tributary_outbox_waiting", "published_at", "parked_at", "deliver_at", "seq"),
+    )
 
     seq: int | None = Field(
         default=None,
@@ -81,6 +85,9 @@ class OutboxRow(SQLModel, table=True):
     parked_at: datetime | None = _ts(nullable=True)
     """Set when the relay gave up after its bounded attempts: the row waits for an operator
     (``eventctl outbox parked`` / ``eventctl outbox resend``) and blocks nothing behind it."""
+    deliver_at: datetime | None = _ts(nullable=True)
+    """Not before (naive UTC): the relay publishes the row once this time has come. ``None``
+    for a row to publish at once (``Outbox.add`` stores no time that has already passed)."""
 
 
 class InboxRow(SQLModel, table=True):

@@ -142,6 +142,29 @@ def unpark_outbox_rows() -> None:
         batch.drop_column("parked_at")
 
 
+def schedule_outbox_rows() -> None:
+    """Runtime schema 3: scheduled outbox rows (``deliver_at``, not before), and the claim
+    index ``(published_at, parked_at, deliver_at, seq)`` that reads rows to publish at once
+    in ``seq`` order and scheduled rows by due time, never the rows not due yet."""
+    op.drop_index("ix_tributary_outbox_waiting", table_name="tributary_outbox")
+    op.add_column("tributary_outbox", Column("deliver_at", DateTime(), nullable=True))
+    op.create_index(
+        "ix_tributary_outbox_waiting",
+        "tributary_outbox",
+        ["published_at", "parked_at", "deliver_at", "seq"],
+    )
+
+
+def unschedule_outbox_rows() -> None:
+    """Undo :func:`schedule_outbox_rows` (scheduled rows not yet published become due at once)."""
+    op.drop_index("ix_tributary_outbox_waiting", table_name="tributary_outbox")
+    with op.batch_alter_table("tributary_outbox") as batch:
+        batch.drop_column("deliver_at")
+    op.create_index(
+        "ix_tributary_outbox_waiting", "tributary_outbox", ["published_at", "parked_at", "seq"]
+    )
+
+
 def create_erased_users() -> None:
     """``tributary_erased_users`` (``tributary.messaging.erasure.ErasedUser``): the ids of
     erased users, for services that must ignore late events about them."""
