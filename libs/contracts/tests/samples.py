@@ -132,6 +132,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "variables": {"given_name": "Ada", "plan": "free"},
         "user_id": USER_ID,
         "locale": "en-GB",
+        "list_unsubscribe_url": "https://notify.example.com/unsubscribe?token=u1.abc.def",
     },
 }
 

@@ -265,6 +265,9 @@ class EmailSendV1(Payload):
     variables: dict[str, Annotated[str, Field(max_length=2000)]] | None = None
     user_id: UserId | None = None
     locale: Locale | None = None
+    list_unsubscribe_url: Annotated[Url, Field(pattern=r"^https?://")] | None = None
+    """RFC 8058 one-click unsubscribe URL: the email gets ``List-Unsubscribe`` and
+    ``List-Unsubscribe-Post`` headers."""
 
 
 class AuditCheckpointV1(Payload):
