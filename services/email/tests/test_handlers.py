@@ -274,6 +274,20 @@ async def test_an_email_send_command_sends_its_subject_and_variables(
     )
 
 
+async def test_a_command_with_an_unsubscribe_url_carries_rfc_8058_one_click_headers(
+    uow: FakeUnitOfWork, mailer: FakeMailer, delivery: Delivery
+) -> None:
+    url = "https://notify.example.com/unsubscribe?token=u1.cGF5bG9hZA.c2ln"
+    await on_email_send(email_send(list_unsubscribe_url=url), cast(Any, uow), delivery)
+    await on_email_send(email_send(), cast(Any, uow), delivery)
+
+    with_link, without = mailer.sent
+    assert with_link["List-Unsubscribe"] == f"<{url}>"
+    assert with_link["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert without["List-Unsubscribe"] is None
+    assert without["List-Unsubscribe-Post"] is None
+
+
 async def test_a_command_for_a_known_user_is_greeted_by_name_in_their_language(
     uow: FakeUnitOfWork, mailer: FakeMailer, delivery: Delivery
 ) -> None:

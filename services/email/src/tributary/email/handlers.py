@@ -110,6 +110,8 @@ class Outgoing:
     body: str
     locale: str
     user_id: str | None = None
+    list_unsubscribe: str | None = None
+    """RFC 8058 one-click unsubscribe URL (``email.send``'s ``list_unsubscribe_url``)."""
 
 
 Gate = Callable[[Outgoing, UnitOfWork, Delivery], Awaitable[bool]]
@@ -164,6 +166,9 @@ def compose(mail: Outgoing, from_address: str, message_id: str) -> EmailMessage:
         message["Message-ID"] = message_id
         message["Date"] = format_datetime(now())
         message["Content-Language"] = mail.locale
+        if mail.list_unsubscribe:  # RFC 8058: a POST to the URL unsubscribes, no page visit
+            message["List-Unsubscribe"] = f"<{mail.list_unsubscribe}>"
+            message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         message.set_content(mail.body)
     except (ValueError, TypeError) as exc:
         raise PermanentSmtpError(f"message cannot be built: {exc}") from exc
@@ -327,6 +332,7 @@ async def on_email_send(event: Event[EmailSendV1], uow: UnitOfWork, delivery: De
         body=render(command.template, locale, variables).body,
         locale=locale,
         user_id=command.user_id,
+        list_unsubscribe=command.list_unsubscribe_url,
     )
     await deliver(mail, uow, delivery)
 
