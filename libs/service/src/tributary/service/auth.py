@@ -90,6 +90,8 @@ SCOPES: Mapping[str, str] = {
     "users:write": "Change your own profile, or erase yourself",
     "keys:write": "Issue and revoke your own API keys",
     "workspaces:read": "Read your own workspace",
+    "notifications:read": "Read your own notifications (and their live stream) and preferences",
+    "notifications:write": "Mark your own notifications read and change your preferences",
     "users:admin": "Read, change or erase any user; list, issue or revoke anyone's API keys",
     "roles:write": "Change users' roles",
     "emails:read": "Read the emails sent",
@@ -97,7 +99,16 @@ SCOPES: Mapping[str, str] = {
     "audit:verify": "Verify the audit log's hash chain",
     "signing-keys:write": "Rotate the token signing keys",
 }
-SELF_SCOPES = frozenset({"users:read", "users:write", "keys:write", "workspaces:read"})
+SELF_SCOPES = frozenset(
+    {
+        "users:read",
+        "users:write",
+        "keys:write",
+        "workspaces:read",
+        "notifications:read",
+        "notifications:write",
+    }
+)
 """Granted to every user's keys; they act on the caller's own resources only."""
 ADMIN_SCOPES = frozenset(SCOPES) - SELF_SCOPES
 """Granted only when the key owner's role is ``admin`` or ``owner``."""
