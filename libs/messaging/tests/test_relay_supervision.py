@@ -452,3 +452,40 @@ def test_row_delays_double_from_the_first_and_stop_at_the_cap(attempts: int) -> 
     assert 2 <= delay <= 300
     assert delay == min(2 * 2 ** (attempts - 1), 300)
     assert policy.row_delay(attempts + 1) >= delay
+
+
+class StoppingPublisher:
+    """Wraps a publisher: the relay is told to stop while its batch is being published."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+        self.relay: OutboxRelay | None = None
+
+    async def publish(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+        assert self.relay is not None
+        self.relay.stop()
+        await self._publisher.publish(exchange, routing_key, message)
+
+
+async def test_a_stop_during_a_batch_ends_the_relay_at_once_and_frees_the_lease(
+    engine: AsyncEngine, broker_url: str, settings: MessagingSettings, publisher: Publisher
+) -> None:
+    slow_poll = isolated_settings(
+        broker_url, name_prefix=settings.name_prefix, outbox_poll_seconds=30
+    )
+    stopping = StoppingPublisher(publisher)
+    relay = relay_with(engine, stopping, slow_poll)  # type: ignore[arg-type]
+    stopping.relay = relay
+    async with Capture(broker_url, Names(settings.name_prefix)) as capture:
+        [first] = await commit_events(engine, [new_user()])
+
+        # the batch finishes, then the loop ends: it does not sleep until its next poll
+        await asyncio.wait_for(relay.supervise(), timeout=5)
+        assert relay.stats.published == 1
+
+        # on SQLite the lease was handed back: a replacement publishes at once, not in 15 s
+        [second] = await commit_events(engine, [new_user()])
+        assert await relay_with(engine, publisher, slow_poll).drain_once() == 1
+        received = await capture.take(2)
+
+    assert [m.message_id for m in received] == [first, second]

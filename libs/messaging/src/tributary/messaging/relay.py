@@ -216,7 +216,10 @@ class OutboxRelay:
     # -- the loops ------------------------------------------------------------------------
 
     async def supervise(self) -> None:
-        """Run :meth:`run` until :meth:`stop`, restarting it (with backoff) whenever it ends."""
+        """Run :meth:`run` until :meth:`stop`, restarting it (with backoff) whenever it ends.
+
+        On stop, an SQLite lease still held is handed back: a replacement process (a restart,
+        a deploy) publishes at once instead of waiting for the lease to run out."""
         backoff = self._step_backoff()
         self._last_progress = time.monotonic()  # a stall is counted from the start, not __init__
         while not self._stopping:
@@ -228,13 +231,14 @@ class OutboxRelay:
                 log.exception("outbox relay ended by %s; restarting it", type(exc).__name__)
             else:
                 if self._stopping:
-                    return
+                    break
                 log.error("outbox relay ended without stop(); restarting it")
             self.stats.restarts += 1
             self.healthy = False
             if time.monotonic() - started > self.policy.step_backoff_max_seconds:
                 backoff.reset()  # it had been running well: this is a fresh failure
             await self._pause(backoff.next())
+        await self._hand_back_lease()
 
     async def run(self) -> None:
         """Publish until :meth:`stop`; a failed step is counted and retried with backoff."""
@@ -255,6 +259,8 @@ class OutboxRelay:
                     continue
                 self.healthy = True
                 backoff.reset()
+                if self._stopping:  # stop() came during the drain, which cleared its wake-up
+                    break
                 if purging is not None and purging.done():
                     ok = purging.result()
                     purging = None
@@ -565,6 +571,17 @@ class OutboxRelay:
             return True
         self._lease_until = None
         return False
+
+    async def _hand_back_lease(self) -> None:
+        """Give the SQLite lease up if this relay holds it (on stop; a failure is only logged:
+        the lease then runs out by itself)."""
+        if not self._sqlite or self._lease_until is None:
+            return
+        try:
+            async with self._sessions() as session, session.begin():
+                await self._give_up_lease(session)
+        except Exception as exc:
+            log.warning("outbox relay could not hand its lease back: %s", _describe(exc))
 
     async def _give_up_lease(self, session: AsyncSession) -> None:
         self._lease_until = None
