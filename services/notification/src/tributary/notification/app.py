@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from tributary.messaging.settings import MessagingSettings
+from tributary.notification import api, stream, unsubscribe
+from tributary.notification.channels import Dispatcher, Email, InApp, UnsubscribeLinks
+from tributary.notification.handlers import event_handlers
+from tributary.notification.settings import Settings
+from tributary.notification.streams import Streams
+from tributary.notification.tokens import DEVELOPMENT_UNSUBSCRIBE_KEY
+from tributary.service.app import ServiceSpec
+from tributary.service.app import create_app as build
+
+log = logging.getLogger("tributary.notification")
+
+
+def unsubscribe_key(settings: Settings) -> bytes:
+    key = settings.unsubscribe_key.get_secret_value().encode() if settings.unsubscribe_key else b""
+    if not key:
+        log.warning(
+            "NOTIFICATION_UNSUBSCRIBE_KEY is not set: unsubscribe links are signed with a "
+            "development key"
+        )
+        return DEVELOPMENT_UNSUBSCRIBE_KEY
+    return key
+
+
+def create_app(
+    settings: Settings | None = None, messaging: MessagingSettings | None = None
+) -> FastAPI:
+    settings = settings or Settings()
+    key = unsubscribe_key(settings)
+    streams = Streams(per_user=settings.sse_streams_per_user)
+    links = UnsubscribeLinks(
+        public_url=settings.public_url,
+        key=key,
+        ttl_seconds=settings.unsubscribe_ttl_days * 86400,
+    )
+    dispatcher = Dispatcher([InApp(streams), Email(links)])
+
+    async def startup(stack: AsyncExitStack, app: FastAPI) -> None:
+        streams.open()
+        stack.push_async_callback(streams.aclose)  # streams end before the engine goes
+
+    app = build(
+        ServiceSpec(
+            name="notification",
+            settings=settings,
+            migrations=Path(__file__).parent / "migrations",
+            routers=[api.router, stream.router, unsubscribe.router],
+            handlers=event_handlers(dispatcher),
+            messaging=messaging,
+            startup=startup,
+            description=(
+                "Notifies users of what happened to them -- in-app (with a live stream) and by "
+                "email through the email.send command -- as their per-category preferences say."
+            ),
+        )
+    )
+    app.state.streams = streams
+    app.state.notification_settings = settings
+    app.state.unsubscribe_key = key
+    return app
