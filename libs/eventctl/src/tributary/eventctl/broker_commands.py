@@ -22,12 +22,8 @@ from tributary.eventctl.access import (
 )
 from tributary.eventctl.admin import AdminError, vhost_of
 from tributary.eventctl.broker import broker_options
-from tributary.eventctl.provision import (
-    DefinitionsBackend,
-    ManagementDefinitions,
-    RabbitmqctlDefinitions,
-    provision,
-)
+from tributary.eventctl.credentials import choose_backend
+from tributary.eventctl.provision import provision
 
 EXIT_OK, EXIT_ERROR = 0, 2
 
@@ -44,7 +40,6 @@ def _plan(args: argparse.Namespace, vhost: str) -> AccessPlan:
         vhost=vhost,
         user_prefix=args.prefix,
         name_prefix=name_prefix,
-        demo_guest=getattr(args, "demo_guest", False),
     )
 
 
@@ -82,10 +77,8 @@ async def _provision(args: argparse.Namespace) -> int:
     if not args.passwords_from_env:
         print(DEMO_WARNING, file=sys.stderr)
     try:
-        backend: DefinitionsBackend = (
-            ManagementDefinitions(args.management_url, credentials_from=url)
-            if args.management_url
-            else RabbitmqctlDefinitions(executable=args.rabbitmqctl, node=args.node)
+        backend = choose_backend(
+            url, management_url=args.management_url, rabbitmqctl=args.rabbitmqctl, node=args.node
         )
         changes = await provision(plan, secrets, backend)
     except AdminError as exc:
@@ -133,11 +126,6 @@ def add_broker_commands(groups: Any) -> None:
     defs.add_argument("--vhost", default="/", metavar="V", help="virtual host (default /)")
     _common(defs)
     defs.add_argument("--out", type=Path, metavar="FILE", help="write here (default: stdout)")
-    defs.add_argument(
-        "--demo-guest",
-        action="store_true",
-        help="also guest/guest with every right (the demo's services still connect as guest)",
-    )
     defs.set_defaults(handler=_definitions)
 
     prov = commands.add_parser(
@@ -157,7 +145,7 @@ def add_broker_commands(groups: Any) -> None:
         "--management-url",
         metavar="URL",
         help="management HTTP API (http://user:password@host:15672; an administrator); "
-        "without it: rabbitmqctl on this host",
+        "default: port 15672 of the broker's host when it answers, else rabbitmqctl here",
     )
     prov.add_argument("--rabbitmqctl", default="rabbitmqctl", help="rabbitmqctl executable")
     prov.add_argument("--node", help="broker node for rabbitmqctl -n")

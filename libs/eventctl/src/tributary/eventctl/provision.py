@@ -44,6 +44,10 @@ class DefinitionsBackend(Protocol):
         """Import ``document``: adds or overwrites what it names, leaves the rest."""
         ...
 
+    async def delete_users(self, names: list[str]) -> None:
+        """Delete these users (those that exist); nothing else."""
+        ...
+
 
 class RabbitmqctlDefinitions:
     """``rabbitmqctl`` on the broker's host (no management plugin needed)."""
@@ -104,6 +108,15 @@ class RabbitmqctlDefinitions:
             "import_definitions", "--format", "json", "-q", stdin=json.dumps(document).encode()
         )
 
+    async def delete_users(self, names: list[str]) -> None:
+        if not names:
+            return
+        # one call for all of them (each rabbitmqctl call starts an Erlang VM); a missing user
+        # is skipped (delete_user returns an error tuple, not an exception)
+        binaries = ", ".join("<<" + json.dumps(name) + "/utf8>>" for name in names)
+        delete = 'rabbit_auth_backend_internal:delete_user(U, <<"eventctl">>)'
+        await self._run("eval", f"[{delete} || U <- [{binaries}]].")
+
 
 class ManagementDefinitions:
     """The management plugin's ``/api/definitions`` (the user needs the administrator tag)."""
@@ -117,14 +130,14 @@ class ManagementDefinitions:
         netloc = parts.hostname or "127.0.0.1"
         if parts.port:
             netloc = f"{netloc}:{parts.port}"
-        self._url = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}/api/definitions"
+        self._base = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         self._headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
 
-    def _call(self, method: str, body: bytes | None) -> Any:
+    def _call(self, method: str, body: bytes | None, path: str = "/api/definitions") -> Any:
         # http(s) only (checked above): no file: or custom schemes
         request = urllib.request.Request(  # noqa: S310
-            self._url, data=body, method=method, headers=self._headers
+            self._base + path, data=body, method=method, headers=self._headers
         )
         try:
             with urllib.request.urlopen(request, timeout=COMMAND_TIMEOUT) as response:  # noqa: S310
@@ -146,6 +159,11 @@ class ManagementDefinitions:
 
     async def load(self, document: dict[str, Any]) -> None:
         await asyncio.to_thread(self._call, "POST", json.dumps(document).encode())
+
+    async def delete_users(self, names: list[str]) -> None:
+        if names:  # users that do not exist are skipped by the API
+            body = json.dumps({"users": names}).encode()
+            await asyncio.to_thread(self._call, "POST", body, "/api/users/bulk-delete")
 
 
 def _tags(value: object) -> tuple[str, ...]:
