@@ -32,10 +32,10 @@ fmt: sync  ## format and autofix
 
 contracts: sync  ## regenerate contracts/asyncapi.yaml and deploy/rabbitmq/definitions.json from the catalog
 	$(RUN) python -m tributary.contracts.asyncapi --write
-	$(RUN) eventctl broker definitions --demo-guest --name-prefix '' --out deploy/rabbitmq/definitions.json
+	$(RUN) eventctl broker definitions --name-prefix '' --out deploy/rabbitmq/definitions.json
 
-dev: sync  ## every service as a local process (needs RABBITMQ_URL or a local broker)
-	$(RUN) python scripts/dev.py
+dev: sync  ## every service as a local process (RABBITMQ_URL or a local broker; DB=postgres for PostgreSQL)
+	$(RUN) python scripts/dev.py $(if $(DB),--database $(DB))
 
 token:  ## print an admin access token (TOKEN=$$(make -s token); needs make dev running)
 	@python3 scripts/access_token.py

@@ -4,6 +4,12 @@ Starts a development SMTP sink when ``SMTP_HOST`` is unset, prefixes each proces
 with its name, waits until every ``/health/ready`` answers, and stops everything on Ctrl-C or
 SIGTERM. The environment is forwarded to every process.
 
+Broker: ``RABBITMQ_URL`` is an administrator's connection. The catalog's broker users (one
+per service, per foreign producer, and ``eventctl``) are provisioned into its vhost (names
+prefixed ``<vhost>.`` unless the vhost is ``/``; passwords derived from
+``TRIBUTARY_BROKER_SECRET``), each service connects as its own user with the sender check on,
+and ``var/eventctl.env`` holds the operator's connection for ``eventctl``.
+
 Secrets: identity registers ``BOOTSTRAP_ADMIN_API_KEY`` as an owner's API key, and the email
 service keys its address hashes with ``EMAIL_ADDRESS_KEY``. Unset, each is generated once into
 ``var/`` (mode 0600) and reused; how to get a bearer token is printed when all are ready.
@@ -11,14 +17,18 @@ service keys its address hashes with ``EMAIL_ADDRESS_KEY``. Unset, each is gener
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import local_secrets  # scripts/local_secrets.py, beside this file
@@ -34,9 +44,12 @@ COLORS = ["\033[36m", "\033[32m", "\033[35m", "\033[33m", "\033[34m", "\033[31m"
 RESET = "\033[0m"
 
 
+EVENTCTL_ENV = Path("var/eventctl.env")
+
 HOW_TO_CALL = """dev        | admin API key: {where} (the built-in admin user, role owner)
 dev        | a token:  TOKEN=$(make -s token)   (scripts/access_token.py: client-credentials grant)
-dev        | then:     curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8004/audit"""
+dev        | then:     curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8004/audit
+dev        | eventctl: set -a; . var/eventctl.env; set +a   (connects as the operator user)"""
 
 
 @dataclass
@@ -62,6 +75,31 @@ async def _spawn(name: str, color: str, *argv: str, env: dict[str, str]) -> Chil
     return Child(name, process, asyncio.create_task(_pump(name, color, process.stdout)))
 
 
+async def _broker_users(env: dict[str, str]) -> dict[str, str]:
+    """Provision the catalog's broker users into RABBITMQ_URL's vhost; each one's URL."""
+    from tributary.eventctl.credentials import derived_password, provision_users
+
+    made = await provision_users(
+        env["RABBITMQ_URL"],
+        name_prefix=env.get("TRIBUTARY_NAME_PREFIX", ""),
+        password=derived_password(local_secrets.for_dev(local_secrets.BROKER_SECRET)),
+    )
+    print(
+        f"dev        | broker users in vhost {made.plan.vhost}: {len(made.plan.users)} "
+        f"(prefix {made.user_prefix or 'none'}), {len(made.changes)} change(s)",
+        flush=True,
+    )
+    env["TRIBUTARY_BROKER_USER_PREFIX"] = made.user_prefix
+    env.setdefault("TRIBUTARY_VERIFY_SENDER", "true")
+    local_secrets.private_write(
+        EVENTCTL_ENV,
+        f"RABBITMQ_URL={made.url('eventctl')}\n"
+        f"TRIBUTARY_BROKER_USER_PREFIX={made.user_prefix}\n"
+        f"TRIBUTARY_NAME_PREFIX={env.get('TRIBUTARY_NAME_PREFIX', '')}\n",
+    )
+    return dict(made.urls)
+
+
 def _ready(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as r:
@@ -70,14 +108,58 @@ def _ready(port: int) -> bool:
         return False
 
 
-async def main() -> int:
+def _postgres(env: dict[str, str]) -> None:
+    """PostgreSQL mode: the databases and the audit roles made as compose makes them (the same
+    script, deploy/postgres/init-databases.sh), and every service pointed at its database."""
+    server = urlsplit(env.get("DEV_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432"))
+    host, port = server.hostname or "127.0.0.1", server.port or 5432
+    user = server.username or "postgres"
+    script_env = {**env, "PGHOST": host, "PGPORT": str(port), "POSTGRES_USER": user}
+    if server.password:
+        script_env["PGPASSWORD"] = server.password
+    bash = shutil.which("bash") or "/bin/bash"
+    subprocess.run([bash, "deploy/postgres/init-databases.sh"], env=script_env, check=True)
+    base = f"postgresql+asyncpg://{{}}@{host}:{port}/"
+    login = f"{user}:{server.password}" if server.password else user
+    for name, _port in SERVICES:
+        if name != "audit":
+            env.setdefault(f"{name.upper()}_DATABASE_URL", base.format(login) + name)
+    # audit appends as audit_app; its migrations run as audit_owner (see the script)
+    env["AUDIT_DATABASE_URL"] = base.format("audit_app:audit_app") + "audit"
+    env["AUDIT_MIGRATION_DATABASE_URL"] = base.format("audit_owner:audit_owner") + "audit"
+    env["AUDIT_APP_ROLE"] = "audit_app"
+
+
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="every service as a local process")
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="SQLite files in var/ (default), or PostgreSQL at $DEV_POSTGRES_URL "
+        "(default postgresql://postgres@127.0.0.1:5432): databases identity, onboarding, ...",
+    )
+    args = parser.parse_args(argv)
     env = dict(os.environ)
+    if args.database == "postgres":
+        try:
+            _postgres(env)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"dev        | cannot prepare PostgreSQL: {exc}", flush=True)
+            return 1
     env.setdefault("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
     env.setdefault("PYTHONUNBUFFERED", "1")
     os.makedirs("var", exist_ok=True)
     from_env = local_secrets.ADMIN_KEY in env
     for name in local_secrets.SECRETS:
         env[name] = local_secrets.for_dev(name)
+    from tributary.eventctl.admin import AdminError
+
+    try:
+        broker_urls = await _broker_users(env)
+    except (AdminError, OSError) as exc:
+        print(f"dev        | cannot provision the broker users: {exc}", flush=True)
+        return 1
     children: list[Child] = []
     if not env.get("SMTP_HOST"):
         env["SMTP_HOST"], env["SMTP_PORT"] = "127.0.0.1", env.get("SMTP_PORT", "1025")
@@ -95,9 +177,10 @@ async def main() -> int:
             )
         )
     for i, (name, _port) in enumerate(SERVICES):
+        own = {**env, "RABBITMQ_URL": broker_urls[name]}  # its own broker user, not the admin
         children.append(
             await _spawn(
-                name, COLORS[i % len(COLORS)], sys.executable, "-m", f"tributary.{name}", env=env
+                name, COLORS[i % len(COLORS)], sys.executable, "-m", f"tributary.{name}", env=own
             )
         )
 

@@ -1,9 +1,10 @@
 """The secrets of a local installation: where they are kept, made when missing.
 
 ``BOOTSTRAP_ADMIN_API_KEY`` (the built-in owner's API key) and ``EMAIL_ADDRESS_KEY`` (the
-email service's HMAC key for addresses it must remember). ``make dev`` keeps them in
-``var/<name>``; ``make demo`` in ``.env``, which Compose reads for ``${NAME}``. Both are
-git-ignored and written mode 0600. A value in the environment wins over either.
+email service's HMAC key for addresses it must remember); for ``make dev`` only,
+``TRIBUTARY_BROKER_SECRET`` (each broker user's password is derived from it). ``make dev``
+keeps them in ``var/<name>``; ``make demo`` in ``.env``, which Compose reads for ``${NAME}``.
+Both are git-ignored and written mode 0600. A value in the environment wins over either.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ SECRETS: dict[str, str] = {
     ADMIN_KEY: "trib_",  # the shape identity issues: trib_ + 256 random bits
     "EMAIL_ADDRESS_KEY": "",
 }
+BROKER_SECRET = "TRIBUTARY_BROKER_SECRET"  # noqa: S105 (a variable name)
+DEV_ONLY: dict[str, str] = {
+    # make dev derives each broker user's password from it (the demo uses public ones)
+    BROKER_SECRET: "",
+}
 DEV_DIR = Path("var")
 COMPOSE_ENV = Path(".env")
 
@@ -27,10 +33,10 @@ def dev_file(name: str) -> Path:
 
 
 def new_value(name: str) -> str:
-    return f"{SECRETS[name]}{secrets.token_urlsafe(32)}"
+    return f"{SECRETS.get(name, DEV_ONLY.get(name, ''))}{secrets.token_urlsafe(32)}"
 
 
-def _private_write(path: Path, text: str) -> None:
+def private_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
     path.write_text(text)
@@ -63,7 +69,7 @@ def for_dev(name: str) -> str:
     if path.exists() and (value := path.read_text().strip()):
         return value
     value = new_value(name)
-    _private_write(path, value + "\n")
+    private_write(path, value + "\n")
     return value
 
 
@@ -75,7 +81,7 @@ def ensure_compose_env() -> None:
     added = [n for n in SECRETS if not (os.environ.get(n) or from_env_file(n))]
     if added:
         lines = "".join(f"{name}={new_value(name)}\n" for name in added)
-        _private_write(COMPOSE_ENV, existing + lines)
+        private_write(COMPOSE_ENV, existing + lines)
         print(f"{', '.join(added)} written to .env (a token: make token)", file=sys.stderr)
 
 

@@ -42,6 +42,7 @@ def new_stack(
         stack.stop()
         stack.mail.stop()
         asyncio.run(delete_prefixed(broker_url, Names(stack.prefix), queue_names(stack.prefix)))
+        stack.remove_users()
         for name in created:
             asyncio.run(drop_postgres_database(server, name))
 

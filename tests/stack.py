@@ -1,11 +1,14 @@
 """The four sign-up services as real processes, each with its own fresh database.
 
 Used by the end-to-end tests: a unique broker name prefix isolates each stack, a real SMTP
-sink (aiosmtpd) receives the mail and a real OTLP receiver the spans.
+sink (aiosmtpd) receives the mail and a real OTLP receiver the spans. As in production, each
+service connects as its own broker user (provisioned from the catalog under the stack's
+prefix) and checks the sender of every message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -17,10 +20,21 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import httpx
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from tributary.contracts.catalog import catalog
+from tributary.eventctl.credentials import (
+    Credentials,
+    choose_backend,
+    provision_users,
+    remove_users,
+)
+from tributary.eventctl.provision import DefinitionsBackend
+from tributary.messaging.testing import publish_raw
+from tributary.messaging.topology import Names
 from tributary.testkit.otlp import OtlpReceiver
 from tributary.testkit.processes import ServiceProcess, free_port, service_env
 
@@ -53,6 +67,15 @@ class MailSink:
         return [m for m in self.messages if address in str(m.get("To", ""))]
 
 
+@dataclass(frozen=True)
+class Letter:
+    """A dead letter: its headers (the reason among them), body and sender."""
+
+    headers: dict[str, Any]
+    body: bytes
+    user_id: str | None
+
+
 @dataclass
 class Stack:
     broker_url: str
@@ -66,12 +89,93 @@ class Stack:
     admin_key: str = field(default_factory=lambda: f"trib_{secrets.token_urlsafe(32)}")
     """Registered by identity at start-up (``BOOTSTRAP_ADMIN_API_KEY``) for the built-in owner."""
     ports: dict[str, int] = field(default_factory=dict)
+    provisioner: DefinitionsBackend | None = None
+    """How the stack's broker users are made (default: management API or rabbitmqctl)."""
+    credentials: Credentials | None = None
+    """A broker user per service, foreign producer and operator, made by :meth:`start`."""
     _token: tuple[str, float] | None = None
+
+    def _backend(self) -> DefinitionsBackend:
+        if self.provisioner is None:
+            self.provisioner = choose_backend(self.broker_url)
+        return self.provisioner
+
+    def provision_users(self) -> Credentials:
+        """Every catalog user, named ``<prefix><role>``, with random passwords (idempotent)."""
+        if self.credentials is None:
+            self.credentials = asyncio.run(
+                provision_users(
+                    self.broker_url,
+                    name_prefix=self.prefix,
+                    user_prefix=self.prefix,
+                    backend=self._backend(),
+                )
+            )
+        return self.credentials
+
+    def remove_users(self) -> None:
+        if self.credentials is not None:
+            asyncio.run(remove_users(self.credentials.plan, self._backend()))
+            self.credentials = None
+
+    def url_of(self, role: str) -> str:
+        """The AMQP URL of a broker user of this stack (a service, foreign producer, eventctl)."""
+        return self.provision_users().url(role)
+
+    def producer_url(self, routing_key: str) -> str:
+        """The URL of a user the catalog allows to publish ``routing_key``'s type."""
+        name = catalog().by_routing_key(routing_key).type
+        return self.url_of(catalog().type(name).producers[0])
+
+    def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        url: str | None = None,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        times: int = 1,
+    ) -> None:
+        """Publish ``body`` to the stack's events exchange as a producer of its type (or as the
+        user of ``url``), naming that user in ``user_id``."""
+        sender = url or self.producer_url(routing_key)
+
+        async def go() -> None:
+            for _ in range(times):
+                await publish_raw(
+                    sender,
+                    Names(self.prefix),
+                    routing_key,
+                    body,
+                    headers=headers,
+                    message_id=message_id,
+                )
+
+        asyncio.run(go())
+
+    def take_dead_letters(self, queue_set: str) -> list[Letter]:
+        """Everything in ``<prefix><queue_set>.dlq`` now (read and removed)."""
+
+        async def go() -> list[Letter]:
+            letters: list[Letter] = []
+            connection = await aio_pika.connect(self.broker_url)
+            async with connection:
+                channel = await connection.channel()
+                queue = await channel.declare_queue(f"{self.prefix}{queue_set}.dlq", passive=True)
+                while (message := await queue.get(fail=False, no_ack=True)) is not None:
+                    letters.append(Letter(dict(message.headers), message.body, message.user_id))
+            return letters
+
+        return asyncio.run(go())
 
     def env_for(self, name: str, port: int) -> dict[str, str]:
         upper = name.upper()
         values = {
-            "RABBITMQ_URL": self.broker_url,
+            # each service connects as its own user, and checks every sender
+            "RABBITMQ_URL": self.url_of(name),
+            "TRIBUTARY_BROKER_USER_PREFIX": self.prefix,
+            "TRIBUTARY_VERIFY_SENDER": "true",
             "TRIBUTARY_NAME_PREFIX": self.prefix,
             "TRIBUTARY_RETRY_TIERS": "[0.5, 1.0, 2.0]",
             "TRIBUTARY_INPROCESS_BACKOFF_SECONDS": "0.05",

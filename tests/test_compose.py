@@ -22,10 +22,12 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
+
+from tributary.eventctl.access import hash_matches
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -207,6 +209,7 @@ def _expected_environment(name: str) -> set[str]:
         "OTEL_EXPORTER_OTLP_PROTOCOL",
         "OTEL_TRACES_SAMPLER",
         "TRIBUTARY_AUTH_ISSUER",
+        "TRIBUTARY_VERIFY_SENDER",
     }
     if name == "email":
         return names | {"SMTP_HOST", "SMTP_PORT", "EMAIL_ADDRESS_KEY"}
@@ -249,7 +252,15 @@ def test_environment_uses_the_fixed_names(services: dict[str, Any], name: str) -
     environment = _environment(services[name])
 
     assert set(environment) == _expected_environment(name)
-    assert environment["RABBITMQ_URL"] == "amqp://guest:guest@rabbitmq:5672/"
+    broker = urlsplit(environment["RABBITMQ_URL"])
+    # its own broker user (never guest) on the compose broker, and the sender check on
+    assert (broker.username, broker.hostname, broker.port, broker.path) == (
+        name,
+        "rabbitmq",
+        5672,
+        "/",
+    )
+    assert environment["TRIBUTARY_VERIFY_SENDER"] == "true"
     user = DATABASE_USERS.get(name, "postgres:postgres")
     assert environment[f"{name.upper()}_DATABASE_URL"] == (
         f"postgresql+asyncpg://{user}@postgres:5432/{name}"
@@ -353,8 +364,8 @@ def test_dockerfile_healthcheck_is_valid_python_hitting_ready() -> None:
 
 
 def test_the_broker_loads_the_committed_users_at_boot(services: dict[str, Any]) -> None:
-    """deploy/rabbitmq/definitions.json is mounted and named by load_definitions; since a node
-    that loads definitions creates no default user, guest is in it for every service's URL."""
+    """deploy/rabbitmq/definitions.json is mounted and named by load_definitions, and every
+    service's URL names its own user there with the password the definitions hold."""
     mounts = {}
     for entry in services["rabbitmq"]["volumes"]:
         source, target, *mode = str(entry).split(":")
@@ -369,10 +380,9 @@ def test_the_broker_loads_the_committed_users_at_boot(services: dict[str, Any]) 
     document = json.loads((ROOT / mounts[definitions_target][0]).read_text())
     users = {user["name"]: user for user in document["users"]}
     assert {"/"} == {vhost["name"] for vhost in document["vhosts"]}
+    assert "guest" not in users  # a node loading definitions makes no default user either
     for name in DEV_NAMES:
         broker = urlsplit(_environment(services[name])["RABBITMQ_URL"])
-        assert broker.username in users, f"{name} connects as a user the broker would not have"
-        assert broker.path in ("", "/")
-        assert name in users, f"no broker user of its own for {name}"
-    everything = {"user": "guest", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
-    assert everything in document["permissions"]
+        assert broker.username == name, f"{name} connects as {broker.username}"
+        stored = users[name]["password_hash"]
+        assert hash_matches(unquote(broker.password or ""), stored), f"{name}: wrong password"

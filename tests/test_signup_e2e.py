@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +13,6 @@ import pytest
 
 from tributary.contracts.envelope import new_event
 from tributary.contracts.events import UserCreatedV1, UserCreatedV2
-from tributary.messaging.testing import publish_raw
-from tributary.messaging.topology import Names
 from tributary.testkit.waiting import wait_until
 
 from .stack import Stack, get_json
@@ -71,14 +68,6 @@ def user_created_v1(user_id: str, email: str) -> Any:
     )
 
 
-def publish(stack: Stack, routing_key: str, body: bytes, times: int = 1) -> None:
-    async def go() -> None:
-        for _ in range(times):
-            await publish_raw(stack.broker_url, Names(stack.prefix), routing_key, body)
-
-    asyncio.run(go())
-
-
 @pytest.mark.parametrize("stack", ["sqlite", "postgres"], indirect=True)
 def test_a_sign_up_makes_one_workspace_one_welcome_email_and_masked_audit_entries(
     stack: Stack,
@@ -117,7 +106,7 @@ def test_the_same_sign_up_event_delivered_five_times_has_one_effect_each(
     email = unique_email()
     user_id = f"usr_{uuid.uuid4().hex[:20]}"
     event = user_created_v1(user_id, email)
-    publish(stack, "user.created.v1", event.to_bytes(), times=5)
+    stack.publish("user.created.v1", event.to_bytes(), times=5)
 
     wait_until(lambda: workspaces(stack, user_id), what="the workspace")
     wait_until(lambda: stack.mail.to(email), what="the welcome email")
@@ -152,7 +141,7 @@ def test_a_foreign_producer_is_consumed_like_identity(shared_stack: Stack) -> No
             created_at=datetime.now(UTC),
         ),
     )
-    publish(stack, "user.created.v2", event.to_bytes())
+    stack.publish("user.created.v2", event.to_bytes())
 
     wait_until(lambda: workspaces(stack, user_id), what="the workspace")
     [mail] = wait_until(lambda: stack.mail.to(email), what="the welcome email")

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from signal import SIGTERM
 
+from tributary.eventctl.provision import RabbitmqctlDefinitions
 from tributary.testkit.nodes import PostgresNode, RabbitNode
 
 from ..stack import SIGNUP_SERVICES, Stack
@@ -73,7 +74,14 @@ class ChaosEnv:
             self.say(f"PostgreSQL on port {self.postgres.port} ({self._since(started)})")
         else:
             urls = {n: f"sqlite+aiosqlite:///{self.workdir / (n + '.db')}" for n in SIGNUP_SERVICES}
-        stack = Stack(broker_url=self.rabbit.url, workdir=self.workdir, database_urls=urls)
+        ctl = RabbitmqctlDefinitions(
+            executable=str(self.rabbit.sbin / "rabbitmqctl"),
+            node=self.rabbit.name,
+            env=self.rabbit.ctl_env,
+        )
+        stack = Stack(
+            broker_url=self.rabbit.url, workdir=self.workdir, database_urls=urls, provisioner=ctl
+        )
         stack.extra_env.update(
             TRIBUTARY_RETRY_TIERS=str(list(self.profile.retry_tiers)),
             SMTP_TIMEOUT="5",

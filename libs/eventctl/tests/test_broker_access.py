@@ -37,11 +37,11 @@ COMMITTED = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 
 
 def test_the_committed_definitions_are_what_the_catalog_generates() -> None:
-    plan = plan_access(catalog(), vhost="/", demo_guest=True)
+    plan = plan_access(catalog(), vhost="/")
     expected = render(definitions(plan, passwords(plan, from_env=False), demo=True))
     assert COMMITTED.read_text(encoding="utf-8") == expected, (
         "deploy/rabbitmq/definitions.json is stale: run "
-        "`eventctl broker definitions --demo-guest --name-prefix '' "
+        "`eventctl broker definitions --name-prefix '' "
         "--out deploy/rabbitmq/definitions.json`"
     )
 
@@ -133,7 +133,6 @@ def test_demo_hashes_verify_and_are_rabbitmq_sha256() -> None:
         assert len(base64.b64decode(user["password_hash"])) == 4 + 32
         assert hash_matches(demo_password(user["name"]), user["password_hash"])
         assert not hash_matches("wrong", user["password_hash"])
-    assert demo_password("guest") == "guest"
     # RabbitMQ's own scheme, spelled out: base64(salt + sha256(salt + password))
     assert (
         password_hash("secret", b"\x00\x01\x02\x03")

@@ -40,9 +40,8 @@ DEFAULT_EXCHANGE = "amq.default"
 OPERATOR = "eventctl"
 HASHING = "rabbit_password_hashing_sha256"
 PASSWORD_ENV = "TRIBUTARY_BROKER_PASSWORD_"  # noqa: S105 (a variable name)
-DEMO_GUEST = "guest"
 
-Kind = Literal["service", "producer", "operator", "demo"]
+Kind = Literal["service", "producer", "operator"]
 
 
 class AccessError(RuntimeError):
@@ -177,10 +176,8 @@ def plan_access(
     vhost: str = "/",
     user_prefix: str = "",
     name_prefix: str = "",
-    demo_guest: bool = False,
 ) -> AccessPlan:
-    """Every user of ``vhost``: services, foreign producers, the operator (and, for the demo
-    only, ``guest`` with every right, as long as the services still connect as guest)."""
+    """Every user of ``vhost``: services, foreign producers and the operator."""
     names = Names(name_prefix)
     users = [service_user(cat, s, names, user_prefix) for s in cat.services]
     users += [producer_user(cat, p, names, user_prefix) for p in sorted(cat.external_producers)]
@@ -196,17 +193,6 @@ def plan_access(
             topic=None,  # no topic permission: every routing key (replays, DLQ moves)
         )
     )
-    if demo_guest:
-        users.append(
-            BrokerUser(
-                role=DEMO_GUEST,
-                name=DEMO_GUEST,
-                kind="demo",
-                tags=("administrator",),
-                permissions=Permissions(EVERYTHING, EVERYTHING, EVERYTHING),
-                topic=None,
-            )
-        )
     return AccessPlan(vhost=vhost, users=tuple(users))
 
 
@@ -220,8 +206,6 @@ def password_variable(role: str) -> str:
 
 def demo_password(user_name: str) -> str:
     """The demo password of a user: public by construction, for the local demo only."""
-    if user_name == DEMO_GUEST:
-        return "guest"
     return hashlib.sha256(f"tributary demo broker password:{user_name}".encode()).hexdigest()[:24]
 
 

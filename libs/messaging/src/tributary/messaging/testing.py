@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 
@@ -197,8 +198,10 @@ async def publish_raw(
     *,
     headers: dict[str, Any] | None = None,
     message_id: str | None = None,
+    user_id: str | None = None,
 ) -> None:
-    """Publish bytes as any foreign producer would (persistent, confirmed, mandatory)."""
+    """Publish bytes as any well-behaved foreign producer would: persistent, confirmed,
+    mandatory, and naming its broker user in ``user_id`` (the URL's user unless given)."""
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -210,6 +213,7 @@ async def publish_raw(
                 content_type="application/cloudevents+json",
                 message_id=message_id,
                 headers=headers or {},
+                user_id=user_id or unquote(urlsplit(url).username or "guest"),
             ),
             routing_key,
             mandatory=True,

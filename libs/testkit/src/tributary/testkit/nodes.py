@@ -220,6 +220,11 @@ class RabbitNode:
         _wait(lambda: _port_open(self.port), f"AMQP on {self.port}", timeout)
         self.ctl("await_startup", "--timeout", str(max(1, int(timeout))))
 
+    @property
+    def ctl_env(self) -> dict[str, str]:
+        """The environment ``rabbitmqctl`` needs to reach this node (its cookie and config)."""
+        return dict(self._env)
+
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``rabbitmqctl -n <this node> <args>``."""
         result = subprocess.run(
