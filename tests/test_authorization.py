@@ -26,6 +26,9 @@ from tributary.identity.app import create_app as identity_app
 from tributary.identity.settings import Settings as IdentitySettings
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.testing import delete_prefixed, isolated_settings
+from tributary.notification import tokens as unsubscribe_tokens
+from tributary.notification.app import create_app as notification_app
+from tributary.notification.settings import Settings as NotificationSettings
 from tributary.onboarding.app import create_app as onboarding_app
 from tributary.onboarding.models import Workspace
 from tributary.onboarding.settings import Settings as OnboardingSettings
@@ -52,7 +55,8 @@ another user's resource answers 404 as if absent; admin: admin scopes only."""
 
 @dataclass(frozen=True)
 class Call:
-    """How to call a route for one caller: ``{owner}``, ``{key}``, ``{workspace}`` filled in."""
+    """How to call a route for one caller: ``{owner}``, ``{key}``, ``{workspace}``,
+    ``{unsubscribe}`` (an unsubscribe token of the owner's) filled in."""
 
     kind: Kind
     path: str
@@ -106,8 +110,41 @@ ROUTES: dict[tuple[str, str, str], Call] = {
     ("audit", "GET", "/audit/verify"): Call("admin", "/audit/verify", 200),
     ("audit", "GET", "/audit/checkpoints"): Call("admin", "/audit/checkpoints", 200),
     ("audit", "GET", "/audit/checkpoints/key"): Call("public", "/audit/checkpoints/key", 200),
+    # notification
+    ("notification", "GET", "/users/{user_id}/preferences"): Call(
+        "self", "/users/{owner}/preferences", 200
+    ),
+    ("notification", "PUT", "/users/{user_id}/preferences"): Call(
+        "self",
+        "/users/{owner}/preferences",
+        200,
+        json={"categories": {"reports": {"email": False}}},
+    ),
+    ("notification", "GET", "/users/{user_id}/notifications"): Call(
+        "self", "/users/{owner}/notifications", 200
+    ),
+    ("notification", "POST", "/users/{user_id}/notifications/{notification_id}/read"): Call(
+        "self",
+        "/users/{owner}/notifications/1/read",
+        404,  # the new owner has none yet
+    ),
+    ("notification", "POST", "/users/{user_id}/notifications/read-all"): Call(
+        "self", "/users/{owner}/notifications/read-all", 200
+    ),
+    # a stream never ends by itself: an invalid position turns the authorized answer into a
+    # 422 (the stream is tested through uvicorn in services/notification/tests)
+    ("notification", "GET", "/users/{user_id}/notifications/stream"): Call(
+        "self", "/users/{owner}/notifications/stream", 422, params={"after": "-1"}
+    ),
+    # the token in the link is the credential; a bearer token changes nothing
+    ("notification", "GET", "/unsubscribe"): Call(
+        "public", "/unsubscribe", 200, params={"token": "{unsubscribe}"}
+    ),
+    ("notification", "POST", "/unsubscribe"): Call(
+        "public", "/unsubscribe", 200, params={"token": "{unsubscribe}"}
+    ),
 }
-for _service in ("identity", "onboarding", "email", "audit"):
+for _service in ("identity", "onboarding", "email", "audit", "notification"):
     ROUTES[(_service, "GET", "/health/live")] = Call("public", "/health/live", 200)
     ROUTES[(_service, "GET", "/health/ready")] = Call("public", "/health/ready", 200)
     ROUTES[(_service, "GET", "/metrics")] = Call("public", "/metrics", 200)
@@ -156,6 +193,16 @@ def _apps(messaging: dict[str, MessagingSettings], db: dict[str, str]) -> dict[s
             ),
             messaging["a"],
         ),
+        "notification": notification_app(
+            NotificationSettings.model_validate(
+                {
+                    "NOTIFICATION_DATABASE_URL": db["n"],
+                    "NOTIFICATION_PORT": 0,
+                    "NOTIFICATION_UNSUBSCRIBE_KEY": "authorization-test-key",
+                }
+            ),
+            messaging["n"],
+        ),
     }
 
 
@@ -165,8 +212,8 @@ async def services(
 ) -> AsyncIterator[Services]:
     workdir = tmp_path_factory.mktemp("authz")
     # each service on a bus of its own: no event crosses over, the test makes what it needs
-    messaging = {n: isolated_settings(rabbitmq.url) for n in ("i", "o", "e", "a")}
-    db = {n: f"sqlite+aiosqlite:///{workdir / n}.db" for n in ("i", "o", "e", "a")}
+    messaging = {n: isolated_settings(rabbitmq.url) for n in ("i", "o", "e", "a", "n")}
+    db = {n: f"sqlite+aiosqlite:///{workdir / n}.db" for n in ("i", "o", "e", "a", "n")}
     with pytest.MonkeyPatch.context() as env:  # one test address signs up many users
         for name in ("SIGNUP", "TOKEN", "WRITES"):
             env.setenv(f"TRIBUTARY_RATE_{name}", "100000/minute")
@@ -221,7 +268,8 @@ def _headers(
 
 
 async def _resources(services: Services, n: int) -> dict[str, str]:
-    """A fresh user (the owner), one of their API keys and their workspace."""
+    """A fresh user (the owner), one of their API keys, their workspace and an unsubscribe
+    token of theirs."""
     identity = services.clients["identity"]
     body = {"email": f"owner{n}-{time.time_ns()}@example.com", "name": "Owner", "locale": "en-GB"}
     answer = await identity.post("/users", json=body)
@@ -233,7 +281,18 @@ async def _resources(services: Services, n: int) -> dict[str, str]:
         workspace = Workspace.for_owner(user["id"], "Owner's workspace")
         session.add(workspace)
         await session.commit()
-    return {"owner": user["id"], "key": key["id"], "workspace": workspace.id}
+    unsubscribe = unsubscribe_tokens.mint(
+        user["id"],
+        "mentions",
+        key=services.apps["notification"].state.unsubscribe_key,
+        ttl_seconds=600,
+    )
+    return {
+        "owner": user["id"],
+        "key": key["id"],
+        "workspace": workspace.id,
+        "unsubscribe": unsubscribe,
+    }
 
 
 def _fill(value: Any, names: dict[str, str]) -> Any:

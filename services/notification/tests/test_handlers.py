@@ -18,7 +18,7 @@ from tributary.messaging.erasure import ErasedUser
 from tributary.notification import tokens
 from tributary.notification.channels import RecipientNotYetKnown
 from tributary.notification.handlers import safe_link
-from tributary.notification.models import Delivery, Recipient
+from tributary.notification.models import Address, Delivery
 from tributary.notification.preferences import CATEGORIES, CHANNELS
 from tributary.notification.store import set_choice
 
@@ -201,7 +201,7 @@ async def test_the_recipient_directory_follows_versions_and_address_changes_in_a
     await service.handle(user_created(user, "v2@example.com", version=2))  # announced again
 
     async with sessions() as session:
-        recipient = await session.get(Recipient, user)
+        recipient = await session.get(Address, user)
     assert recipient is not None
     assert (recipient.email, recipient.locale) == ("new@example.com", "fr-FR")
     await service.handle(report_ready(user))
@@ -262,7 +262,7 @@ async def test_user_erased_removes_everything_about_the_user_and_later_events_st
         (user,),
     ]
     async with sessions() as session:
-        assert await session.get(Recipient, kept) is not None
+        assert await session.get(Address, kept) is not None
         assert (await session.exec(select(Delivery.user_id))).all() == [kept]
 
 
@@ -290,7 +290,7 @@ async def test_sequence_numbers_are_per_user_and_count_up(service: Service) -> N
     assert [n.seq for n in await service.inbox(first)] == [1, 2, 3]
     assert [n.seq for n in await service.inbox(second)] == [1, 2, 3]
     async with service.sessions() as session:
-        unread = select(col(Recipient.user_id))
+        unread = select(col(Address.user_id))
         assert len((await session.exec(unread)).all()) == 2
 
 

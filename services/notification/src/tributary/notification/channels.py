@@ -29,7 +29,7 @@ from tributary.contracts.events import EmailSendV1
 from tributary.messaging.erasure import was_erased
 from tributary.messaging.uow import UnitOfWork
 from tributary.notification import tokens
-from tributary.notification.models import Delivery, InboxHead, Notification, Recipient
+from tributary.notification.models import Address, Delivery, InboxHead, Notification
 from tributary.notification.preferences import CRITICAL, Category, ChannelName, Choices, enabled
 from tributary.notification.store import choices_of, lock_inbox
 from tributary.notification.streams import Streams, wake_after_commit
@@ -135,7 +135,7 @@ class Email:
         if await session.get(Delivery, key) is not None:
             log.info("%s email for %s was staged before: not again", notice.category, notice.source)
             return
-        recipient = await session.get(Recipient, notice.user_id)
+        recipient = await session.get(Address, notice.user_id)
         if recipient is None:
             raise RecipientNotYetKnown(
                 f"no address known for user {notice.user_id} yet: "

@@ -48,11 +48,11 @@ from tributary.messaging.erasure import MIN_LENGTH, remember_erased, was_erased
 from tributary.messaging.uow import UnitOfWork
 from tributary.notification.channels import Dispatcher, Notice, RecipientNotYetKnown
 from tributary.notification.models import (
+    Address,
     Delivery,
     InboxHead,
     Notification,
     Preference,
-    Recipient,
 )
 
 log = logging.getLogger("tributary.notification")
@@ -153,8 +153,8 @@ async def on_user_created(event: Event[UserCreatedV2], uow: UnitOfWork) -> None:
     if await was_erased(uow.session, user.user_id):
         log.info("user.created for erased user %s: nothing stored", user.user_id)
         return
-    if await uow.session.get(Recipient, user.user_id) is None:
-        uow.session.add(Recipient(user_id=user.user_id, email=user.email, locale=user.locale))
+    if await uow.session.get(Address, user.user_id) is None:
+        uow.session.add(Address(user_id=user.user_id, email=user.email, locale=user.locale))
     # else kept: an older fact must not undo a newer one (user.email_changed)
 
 
@@ -164,15 +164,15 @@ async def on_user_email_changed(event: Event[UserEmailChangedV1], uow: UnitOfWor
     change = event.data
     if await was_erased(uow.session, change.user_id):
         return
-    if await uow.session.get(Recipient, change.user_id) is None:
+    if await uow.session.get(Address, change.user_id) is None:
         raise RecipientNotYetKnown(
             f"address change for user {change.user_id} before its user.created was handled"
         )
     changed_at = as_utc(change.changed_at)
-    shown = col(Recipient.email_changed_at)
+    shown = col(Address.email_changed_at)
     applied = await uow.session.exec(
-        update(Recipient)
-        .where(col(Recipient.user_id) == change.user_id)
+        update(Address)
+        .where(col(Address.user_id) == change.user_id)
         .where(or_(shown.is_(None), shown < changed_at))
         .values(email=change.new_email, email_changed_at=changed_at, updated_at=now())
         .execution_options(synchronize_session="fetch")
@@ -185,12 +185,12 @@ async def on_user_erased(event: Event[UserErasedV1], uow: UnitOfWork) -> None:
     """Delete everything about the user (see the module doc). Never suppressed on replay: an
     erasure is not a side effect to skip; handled again, it finds nothing left."""
     user_id = event.data.user_id
-    recipient = await uow.session.get(Recipient, user_id)
+    recipient = await uow.session.get(Address, user_id)
     addresses = [recipient.email] if recipient is not None else []
     # the sweep first: it holds no database lock while the broker is read
     erased = await uow.erase_person(user_id, also=[a for a in addresses if len(a) >= MIN_LENGTH])
     removed = 0
-    for table in (Notification, Delivery, Preference, InboxHead, Recipient):
+    for table in (Notification, Delivery, Preference, InboxHead, Address):
         result = await uow.session.exec(delete(table).where(col(table.user_id) == user_id))
         removed += result.rowcount or 0
     await remember_erased(uow.session, user_id)

@@ -10,10 +10,10 @@ from tributary.messaging.db import UtcDateTime, now
 SEQ = BigInteger().with_variant(Integer(), "sqlite")
 
 
-class Recipient(SQLModel, table=True):
+class Address(SQLModel, table=True):
     """Where a user's mail goes: the events to notify about carry only the user id."""
 
-    __tablename__ = "recipients"
+    __tablename__ = "addresses"
 
     user_id: str = Field(primary_key=True, max_length=60)
     email: str = Field(max_length=254)

@@ -1,4 +1,4 @@
-"""recipients, preferences, the in-app inbox, deliveries, and the messaging runtime's tables
+"""addresses, preferences, the in-app inbox, deliveries, and the messaging runtime's tables
 
 Revision ID: 0001
 Revises:
@@ -31,7 +31,7 @@ def upgrade() -> None:
     park_outbox_rows()
     create_erased_users()
     op.create_table(
-        "recipients",
+        "addresses",
         sa.Column("user_id", sa.String(60), primary_key=True),
         sa.Column("email", sa.String(254), nullable=False),
         sa.Column("locale", sa.String(10), nullable=False),
@@ -83,7 +83,7 @@ def downgrade() -> None:
     op.drop_table("notifications")
     op.drop_table("inbox_heads")
     op.drop_table("preferences")
-    op.drop_table("recipients")
+    op.drop_table("addresses")
     drop_erased_users()
     unpark_outbox_rows()
     drop_runtime_tables()
