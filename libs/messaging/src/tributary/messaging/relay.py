@@ -10,6 +10,11 @@ makes no progress while rows wait. A row the broker returns (no queue bound) or 
 retried with exponential backoff, then **parked** after ``RelayPolicy.max_attempts``: it blocks
 nothing behind it and waits for an operator (``eventctl outbox parked`` / ``resend``).
 A broker or database outage does not count toward a row's attempts.
+
+A **scheduled** row (``deliver_at``, see ``Outbox.add``) is never published before its time;
+the relay sleeps until the earliest one comes due (at most ``outbox_poll_seconds``), claims
+due rows before the others and never reads the rows not due yet (the claim index starts with
+``published_at, parked_at, deliver_at``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from typing import Any, Literal, NamedTuple
 import aio_pika
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
-from sqlalchemy import ColumnElement, case, delete, func, or_, update
+from sqlalchemy import ColumnElement, and_, case, delete, func, or_, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
@@ -108,11 +114,18 @@ class RelayGauges:
     """The outbox as metrics show it (read from the database)."""
 
     waiting: int
-    """Rows not yet published and not parked (including rows backing off after a failure)."""
+    """Rows not yet published and not parked (including rows backing off after a failure),
+    scheduled rows not due yet excluded."""
     oldest_waiting_age: float | None
-    """Seconds since the oldest waiting row was committed."""
+    """Seconds since the oldest waiting row was committed (a scheduled row: since it came
+    due)."""
     parked: int
     last_publish_at: float | None
+    scheduled: int
+    """Unpublished, unparked rows whose ``deliver_at`` is still to come."""
+    overdue_seconds: float
+    """How long ago the oldest scheduled row that is due but unpublished (and not parked) came
+    due; 0 when there is none."""
 
 
 class Purged(NamedTuple):
@@ -144,6 +157,23 @@ class _Backoff:
 
     def reset(self) -> None:
         self._delay = self._first
+
+
+def _unsent() -> list[ColumnElement[bool]]:
+    return [col(OutboxRow.published_at).is_(None), col(OutboxRow.parked_at).is_(None)]
+
+
+def _not_backing_off(now: datetime) -> ColumnElement[bool]:
+    return or_(col(OutboxRow.next_attempt_at).is_(None), col(OutboxRow.next_attempt_at) <= now)
+
+
+_INDEX_ORDER = (
+    col(OutboxRow.published_at),
+    col(OutboxRow.parked_at),
+    col(OutboxRow.deliver_at),
+    col(OutboxRow.seq),
+)
+"""The columns of ``ix_tributary_outbox_waiting``, which the claims read in order."""
 
 
 def outbox_message(row: OutboxRow, *, app_id: str, headers: dict[str, Any]) -> aio_pika.Message:
@@ -200,6 +230,8 @@ class OutboxRelay:
         self._owner = uuid.uuid4().hex
         self._sqlite = is_sqlite(engine)
         self._lease_until: datetime | None = None
+        self._next_due: datetime | None = None
+        """When the earliest scheduled row comes due, read by the last claim of a drain."""
         self._last_progress = time.monotonic()
         self.stats = RelayStats()
         self.healthy = True
@@ -274,7 +306,7 @@ class OutboxRelay:
                     purging = asyncio.create_task(self._purge_round(), name="outbox-purge")
                     next_purge = float("inf")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._settings.outbox_poll_seconds)
+                    await asyncio.wait_for(self._wake.wait(), self._idle_seconds())
         finally:
             if purging is not None:
                 if not self._stopping:
@@ -300,6 +332,13 @@ class OutboxRelay:
                 return
             self._wake.clear()
 
+    def _idle_seconds(self) -> float:
+        """Until the next poll, or until the earliest scheduled row comes due if sooner."""
+        poll = self._settings.outbox_poll_seconds
+        if self._next_due is None:
+            return poll
+        return min(poll, max((self._next_due - utcnow()).total_seconds(), 0.0))
+
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once on :meth:`stop`."""
         with contextlib.suppress(TimeoutError):
@@ -324,24 +363,54 @@ class OutboxRelay:
 
     # -- one batch ------------------------------------------------------------------------
 
-    def _ready(self) -> list[ColumnElement[bool]]:
-        """Rows to publish now: unpublished, not parked, not backing off."""
+    def _ready(self, now: datetime) -> list[ColumnElement[bool]]:
+        """Rows to publish now: unpublished, not parked, not backing off, due."""
         return [
-            col(OutboxRow.published_at).is_(None),
-            col(OutboxRow.parked_at).is_(None),
-            or_(
-                col(OutboxRow.next_attempt_at).is_(None),
-                col(OutboxRow.next_attempt_at) <= utcnow(),
-            ),
+            *_unsent(),
+            _not_backing_off(now),
+            or_(col(OutboxRow.deliver_at).is_(None), col(OutboxRow.deliver_at) <= now),
         ]
 
-    def _pending_query(self) -> SelectOfScalar[OutboxRow]:
+    def _claim_query(
+        self, due: ColumnElement[bool], now: datetime, limit: int
+    ) -> SelectOfScalar[OutboxRow]:
+        # ordered as the index is: the equal (NULL) leading columns leave the order of
+        # (deliver_at, seq), so both databases read the index in order and stop at the limit
+        # (with ORDER BY seq alone PostgreSQL may scan the primary key through every published
+        # and every not-yet-due row instead)
         return (
             select(OutboxRow)
-            .where(*self._ready())
-            .order_by(col(OutboxRow.seq))
-            .limit(self._settings.outbox_batch)
+            .where(*_unsent(), due, _not_backing_off(now))
+            .order_by(*_INDEX_ORDER)
+            .limit(limit)
         )
+
+    async def _claim(self, session: AsyncSession, *, lock: bool) -> list[OutboxRow]:
+        """Up to ``outbox_batch`` rows in ``seq`` order: scheduled rows due by now (the earliest
+        due first), then rows to publish at once (the oldest first). On PostgreSQL ``lock``
+        takes them FOR UPDATE SKIP LOCKED. A short batch also reads when the next scheduled
+        row comes due."""
+        now = utcnow()
+        limit = self._settings.outbox_batch
+        due = col(OutboxRow.deliver_at) <= now
+        immediate = col(OutboxRow.deliver_at).is_(None)
+        rows: list[OutboxRow] = []
+        for which in (due, immediate):
+            query = self._claim_query(which, now, limit - len(rows))
+            if lock:
+                query = query.with_for_update(skip_locked=True)
+            rows += (await session.exec(query)).all()
+            if len(rows) >= limit:
+                break
+        else:  # the last batch of this drain
+            upcoming = (
+                select(OutboxRow.deliver_at)
+                .where(*_unsent(), col(OutboxRow.deliver_at) > now)
+                .order_by(*_INDEX_ORDER[:3])
+                .limit(1)
+            )
+            self._next_due = (await session.exec(upcoming)).first()
+        return sorted(rows, key=lambda row: row.seq or 0)
 
     async def drain_once(self) -> int:
         """Publish one batch of waiting rows; returns how many were published.
@@ -355,6 +424,7 @@ class OutboxRelay:
 
     async def _batch(self) -> int:
         """Claim, publish and mark one batch; returns how many rows were claimed."""
+        self._next_due = None  # until a claim reads it (not when another relay holds the lease)
         if self._sqlite:
             claimed = await self._batch_sqlite()
         else:
@@ -369,8 +439,7 @@ class OutboxRelay:
         tally: _Tally | None = None
         async with self._sessions() as session:
             with self._step("claim"):
-                query = self._pending_query().with_for_update(skip_locked=True)
-                rows: Sequence[OutboxRow] = (await session.exec(query)).all()
+                rows: Sequence[OutboxRow] = await self._claim(session, lock=True)
                 if not rows:
                     await session.rollback()
                     return 0
@@ -394,7 +463,7 @@ class OutboxRelay:
             async with self._sessions() as session, session.begin():
                 if not await self._hold_lease(session):
                     return 0
-                rows = (await session.exec(self._pending_query())).all()
+                rows = await self._claim(session, lock=False)
         if not rows:
             return 0
         results = await self._publish_all(rows)
@@ -626,17 +695,33 @@ class OutboxRelay:
     # -- what metrics and readiness read ---------------------------------------------------
 
     async def gauges(self) -> RelayGauges:
-        """Rows waiting, the age of the oldest, rows parked, the last publish (one query)."""
+        """Rows waiting, the age of the oldest, rows parked, rows scheduled, how long the
+        oldest due scheduled row is overdue, the last publish (one query)."""
+        now = utcnow()
         unparked = col(OutboxRow.parked_at).is_(None)
-        query = select(
-            func.coalesce(func.sum(case((unparked, 1), else_=0)), 0),
-            func.min(case((unparked, col(OutboxRow.created_at)))),
+        deliver_at = col(OutboxRow.deliver_at)
+        waiting = and_(unparked, or_(deliver_at.is_(None), deliver_at <= now))
+        scheduled = and_(unparked, deliver_at > now)
+        overdue = and_(unparked, deliver_at <= now)
+        query = sa_select(
+            func.coalesce(func.sum(case((waiting, 1), else_=0)), 0),
+            # a scheduled row waits from the time it came due
+            func.min(case((waiting, func.coalesce(deliver_at, col(OutboxRow.created_at))))),
             func.coalesce(func.sum(case((unparked, 0), else_=1)), 0),
+            func.coalesce(func.sum(case((scheduled, 1), else_=0)), 0),
+            func.min(case((overdue, deliver_at))),
         ).where(col(OutboxRow.published_at).is_(None))
-        async with self._sessions() as session:
-            waiting, oldest, parked = (await session.exec(query)).one()
-        age = (utcnow() - oldest).total_seconds() if oldest is not None else None
-        return RelayGauges(int(waiting), age, int(parked), self.stats.last_publish_at)
+        async with self._engine.connect() as conn:
+            count, oldest, parked, future, first_due = (await conn.execute(query)).one()
+        age = (now - oldest).total_seconds() if oldest is not None else None
+        return RelayGauges(
+            waiting=int(count),
+            oldest_waiting_age=age,
+            parked=int(parked),
+            last_publish_at=self.stats.last_publish_at,
+            scheduled=int(future),
+            overdue_seconds=(now - first_due).total_seconds() if first_due is not None else 0.0,
+        )
 
     async def pending(self) -> tuple[int, float | None]:
         """How many rows wait (parked rows excluded), and the age in seconds of the oldest."""
@@ -651,7 +736,7 @@ class OutboxRelay:
             return True, None
         try:
             async with self._sessions() as session:
-                query = select(func.count()).select_from(OutboxRow).where(*self._ready())
+                query = select(func.count()).select_from(OutboxRow).where(*self._ready(utcnow()))
                 ready = int((await session.exec(query)).one())
         except Exception as exc:
             return False, (

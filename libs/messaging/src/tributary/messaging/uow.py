@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -15,7 +16,7 @@ from tributary.contracts.envelope import MAX_BODY_BYTES, CloudEvent, new_event
 from tributary.contracts.events import Payload
 from tributary.contracts.validation import validate
 from tributary.messaging import context
-from tributary.messaging.db import OutboxRow
+from tributary.messaging.db import OutboxRow, as_utc, utcnow
 from tributary.messaging.erasure import (
     DEFAULT_CHUNK,
     PersonMatcher,
@@ -40,8 +41,15 @@ class Outbox:
         subject: str | None = None,
         idempotency_key: str | None = None,
         event_id: str | None = None,
+        deliver_at: datetime | None = None,
     ) -> CloudEvent[Payload]:
-        """Validate ``payload`` strictly and stage it, with the current correlation and trace."""
+        """Validate ``payload`` strictly and stage it, with the current correlation and trace.
+
+        ``deliver_at`` schedules the event: the relay publishes it once that time has come,
+        never before (at least once, like every event; later by up to the relay's poll
+        interval when another process wrote it, or after an outage). A naive datetime is
+        taken as UTC; ``None`` or a time already passed publishes at once.
+        """
         ctx = context.current()
         data = payload.model_dump(mode="json", exclude_none=True)
         validate(payload.routing_key, data, "strict")
@@ -64,6 +72,8 @@ class Outbox:
             raise ValueError(
                 f"{payload.routing_key} event of {len(body)} bytes exceeds {MAX_BODY_BYTES}"
             )
+        created_at = utcnow()
+        not_before = None if deliver_at is None else as_utc(deliver_at).replace(tzinfo=None)
         self._session.add(
             OutboxRow(
                 event_id=event.id,
@@ -71,6 +81,8 @@ class Outbox:
                 body=body,
                 trace_headers=json.dumps(carrier),
                 correlation_id=event.correlationid,
+                created_at=created_at,
+                deliver_at=not_before if not_before and not_before > created_at else None,
             )
         )
         self.added += 1
