@@ -52,7 +52,14 @@ async def relay(engine: AsyncEngine, rabbitmq: Found) -> AsyncIterator[OutboxRel
     await connection.close()
 
 
-def row(n: int, *, age: float = 0, parked: bool = False, published: bool = False) -> OutboxRow:
+def row(
+    n: int,
+    *,
+    age: float = 0,
+    parked: bool = False,
+    published: bool = False,
+    due_in: float | None = None,
+) -> OutboxRow:
     now = utcnow()
     return OutboxRow(
         event_id=f"e-{n}",
@@ -61,6 +68,7 @@ def row(n: int, *, age: float = 0, parked: bool = False, published: bool = False
         created_at=now - timedelta(seconds=age),
         parked_at=now if parked else None,
         published_at=now if published else None,
+        deliver_at=None if due_in is None else now + timedelta(seconds=due_in),
     )
 
 
@@ -90,6 +98,8 @@ async def test_the_relay_metrics_show_waiting_parked_failures_restarts_and_last_
     assert value(first, "tributary_outbox_pending") == 2
     assert value(first, "tributary_outbox_oldest_age_seconds") >= 120
     assert value(first, "tributary_outbox_parked") == 1
+    assert value(first, "tributary_outbox_scheduled") == 0
+    assert value(first, "tributary_outbox_overdue_seconds") == 0
     assert value(first, "tributary_outbox_last_publish_timestamp_seconds") == 1_800_000_000.5
     assert value(first, "tributary_relay_restarts_total") == 1
     assert value(first, "tributary_outbox_parked_rows_total") == 1
@@ -119,3 +129,27 @@ async def test_a_new_relay_after_a_bus_restart_adds_to_the_counters(
 
     text = generate_latest(registry).decode()
     assert value(text, "tributary_events_published_total") == 14
+
+
+async def test_scheduled_rows_show_as_scheduled_until_due_then_as_overdue_and_pending(
+    engine: AsyncEngine, relay: OutboxRelay
+) -> None:
+    async with session_factory(engine)() as session, session.begin():
+        session.add_all(
+            [
+                row(1, age=600, due_in=3600),  # not due yet: neither pending nor old
+                row(2, age=600, due_in=86400),
+                row(3, age=600, due_in=-45),  # due 45 s ago, not published yet
+                row(4, age=600, due_in=-300, published=True),
+            ]
+        )
+    registry = CollectorRegistry()
+    metrics = RelayMetrics(registry, "obs")
+
+    await metrics.refresh(relay)
+
+    text = generate_latest(registry).decode()
+    assert value(text, "tributary_outbox_scheduled") == 2
+    assert 45 <= value(text, "tributary_outbox_overdue_seconds") < 45 + 60
+    assert value(text, "tributary_outbox_pending") == 1
+    assert 45 <= value(text, "tributary_outbox_oldest_age_seconds") < 45 + 60

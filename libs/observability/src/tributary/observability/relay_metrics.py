@@ -52,13 +52,27 @@ class RelayMetrics:
         )
         self.waiting = Gauge(
             "tributary_outbox_pending",
-            "Outbox rows not yet published, parked rows excluded",
+            "Outbox rows not yet published, parked rows and scheduled rows not due yet excluded",
             labels,
             registry=r,
         )
         self.oldest = Gauge(
             "tributary_outbox_oldest_age_seconds",
-            "Age of the oldest unpublished, unparked outbox row (0 when none)",
+            "Age of the oldest unpublished, unparked outbox row, a scheduled row counted from "
+            "its due time (0 when none)",
+            labels,
+            registry=r,
+        )
+        self.scheduled = Gauge(
+            "tributary_outbox_scheduled",
+            "Outbox rows scheduled for later (deliver_at still to come)",
+            labels,
+            registry=r,
+        )
+        self.overdue = Gauge(
+            "tributary_outbox_overdue_seconds",
+            "How long ago the oldest due but unpublished scheduled outbox row came due "
+            "(0 when none)",
             labels,
             registry=r,
         )
@@ -99,3 +113,5 @@ class RelayMetrics:
         self.waiting.labels(self.service).set(gauges.waiting)
         self.oldest.labels(self.service).set(gauges.oldest_waiting_age or 0.0)
         self.parked.labels(self.service).set(gauges.parked)
+        self.scheduled.labels(self.service).set(gauges.scheduled)
+        self.overdue.labels(self.service).set(gauges.overdue_seconds)
