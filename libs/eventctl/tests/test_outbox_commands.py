@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,23 @@ async def test_the_parked_listing_is_a_table_by_default(
     assert row.event_id in out[1]
     assert out[1].endswith("Unroutable: no queue bound")
     assert out[-1] == "outbox parked: 1 row(s)"
+
+
+async def test_a_parked_scheduled_row_is_listed_with_the_time_it_was_due(
+    engine: AsyncEngine, producer_database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    row = parked_row()
+    row.deliver_at = datetime(2026, 11, 24, 8, 0)
+    await insert_rows(engine, [row, parked_row()])
+
+    entries = await listed(producer_database_url, capsys)
+    code = await main_async(["outbox", "parked", "--database", producer_database_url])
+    out = capsys.readouterr().out.splitlines()
+
+    assert [e["deliver_at"] for e in entries] == ["2026-11-24T08:00:00Z", None]
+    assert code == 0
+    assert "DELIVER AT" in out[0]
+    assert "2026-11-24T08:00:00Z" in out[1]
 
 
 async def test_a_missing_sqlite_database_is_an_error_not_an_empty_listing(

@@ -153,7 +153,16 @@ async def _record(
 
 # -- output -------------------------------------------------------------------------------
 
-_COLUMNS = ("SEQ", "EVENT ID", "TYPE", "CREATED", "PARKED", "ATTEMPTS", "LAST ERROR")
+_COLUMNS = (
+    "SEQ",
+    "EVENT ID",
+    "TYPE",
+    "CREATED",
+    "DELIVER AT",
+    "PARKED",
+    "ATTEMPTS",
+    "LAST ERROR",
+)
 
 
 def _fields(row: OutboxRow) -> dict[str, Any]:
@@ -162,6 +171,8 @@ def _fields(row: OutboxRow) -> dict[str, Any]:
         "event_id": row.event_id,
         "type": row.routing_key,
         "created_at": row.created_at.isoformat() + "Z",
+        # a scheduled row: not to be published before then (it was due when it was parked)
+        "deliver_at": row.deliver_at.isoformat() + "Z" if row.deliver_at else None,
         "parked_at": row.parked_at.isoformat() + "Z" if row.parked_at else None,
         "attempts": row.attempts,
         "last_error": row.last_error,
