@@ -1,4 +1,5 @@
-"""Process-level faults: a consumer that crashes, is killed or is stopped, and a broker restart.
+"""Process-level faults: a consumer that crashes, is killed or is stopped, a relay killed while
+scheduled rows wait, and a broker restart.
 
 The consumer under test runs in its own process (``fault_worker.py``), so a crash or a SIGKILL
 is real: no ``finally``, no ack, and the broker takes back whatever was in flight. Every test
@@ -14,6 +15,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from libs.contracts.tests.samples import sample
 from tributary.contracts.envelope import CloudEvent, new_event
 from tributary.contracts.events import UserCreatedV2
 from tributary.messaging.bus import Bus
-from tributary.messaging.db import InboxRow, OutboxRow
+from tributary.messaging.db import InboxRow, OutboxRow, session_factory
 from tributary.messaging.publisher import Publisher, event_message
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.testing import (
@@ -43,11 +45,13 @@ from tributary.testkit.waiting import eventually
 
 from .conftest import Thing
 from .fault_worker import CRASH_MARKER, READY, STANDBY, FaultThing, create_tables
+from .relay_support import Capture, outbox_rows
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 SERVICE = "faulty"
 STREAM = 2_000
 ONLY_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+ONLY_POSTGRES = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -424,6 +428,43 @@ async def test_a_consumer_stopped_mid_batch_finishes_it_hands_back_the_rest_and_
 
 async def _more_than(engine: AsyncEngine, n: int) -> bool:
     return await count(engine, FaultThing) > n
+
+
+# -- a relay process killed while its scheduled rows wait --------------------------------------
+
+
+@ONLY_POSTGRES  # on SQLite the killed process's lease holds the next one off for up to 15 s
+async def test_scheduled_rows_outlive_a_killed_relay_process_and_are_published_once_when_due(
+    consumers: Consumers, engine: AsyncEngine, broker_url: str
+) -> None:
+    worker = await consumers.start("ok")
+    replacement = await consumers.prepare("ok")
+    await worker.wait_ready()
+    async with Capture(broker_url, consumers.names, ["user.created.*"]) as capture:
+        due = datetime.now(UTC) + timedelta(seconds=2)
+        events = [user_created(new_user_id()) for _ in range(20)]
+        async with UnitOfWork(session_factory(engine)(), f"/services/{SERVICE}") as uow:
+            for event in events:
+                uow.outbox.add(event.data, event_id=event.id, deliver_at=due)
+            await uow.commit()
+
+        await worker.kill()  # SIGKILL before they are due: no finally, nothing handed back
+        assert datetime.now(UTC) < due, "killed too late to be before the rows were due"
+        assert all(row.published_at is None for row in await outbox_rows(engine))
+        await replacement.go()
+        await replacement.wait_ready()
+        await wait_until(
+            lambda: _more_than(engine, len(events) - 1), what=f"{len(events)} handled events"
+        )
+        await assert_each_handled_once(engine, consumers, events)  # stops the replacement
+        received = await capture.flush()
+
+    assert sorted(m.message_id or "" for m in received) == sorted(e.id for e in events)
+    not_before = due.replace(tzinfo=None)
+    assert all(
+        row.published_at is not None and row.published_at >= not_before
+        for row in await outbox_rows(engine)
+    )
 
 
 async def _depth_at_least(url: str, queue: str, n: int) -> bool:
