@@ -39,6 +39,7 @@ SERVICES: list[tuple[str, int]] = [
     ("onboarding", 8002),
     ("email", 8003),
     ("audit", 8004),
+    ("notification", 8005),
 ]
 COLORS = ["\033[36m", "\033[32m", "\033[35m", "\033[33m", "\033[34m", "\033[31m", "\033[37m"]
 RESET = "\033[0m"
@@ -118,7 +119,8 @@ def _postgres(env: dict[str, str]) -> None:
     if server.password:
         script_env["PGPASSWORD"] = server.password
     bash = shutil.which("bash") or "/bin/bash"
-    subprocess.run([bash, "deploy/postgres/init-databases.sh"], env=script_env, check=True)
+    script = [bash, "deploy/postgres/init-databases.sh"]
+    subprocess.run(script, env=script_env, check=True)  # noqa: S603 (our own script)
     base = f"postgresql+asyncpg://{{}}@{host}:{port}/"
     login = f"{user}:{server.password}" if server.password else user
     for name, _port in SERVICES:

@@ -1,7 +1,8 @@
 """The secrets of a local installation: where they are kept, made when missing.
 
-``BOOTSTRAP_ADMIN_API_KEY`` (the built-in owner's API key) and ``EMAIL_ADDRESS_KEY`` (the
-email service's HMAC key for addresses it must remember); for ``make dev`` only,
+``BOOTSTRAP_ADMIN_API_KEY`` (the built-in owner's API key), ``EMAIL_ADDRESS_KEY`` (the
+email service's HMAC key for addresses it must remember) and
+``NOTIFICATION_UNSUBSCRIBE_KEY`` (signs the one-click unsubscribe links); for ``make dev`` only,
 ``TRIBUTARY_BROKER_SECRET`` (each broker user's password is derived from it). ``make dev``
 keeps them in ``var/<name>``; ``make demo`` in ``.env``, which Compose reads for ``${NAME}``.
 Both are git-ignored and written mode 0600. A value in the environment wins over either.
@@ -18,6 +19,7 @@ ADMIN_KEY = "BOOTSTRAP_ADMIN_API_KEY"
 SECRETS: dict[str, str] = {
     ADMIN_KEY: "trib_",  # the shape identity issues: trib_ + 256 random bits
     "EMAIL_ADDRESS_KEY": "",
+    "NOTIFICATION_UNSUBSCRIBE_KEY": "",
 }
 BROKER_SECRET = "TRIBUTARY_BROKER_SECRET"  # noqa: S105 (a variable name)
 DEV_ONLY: dict[str, str] = {

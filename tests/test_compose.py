@@ -215,6 +215,8 @@ def _expected_environment(name: str) -> set[str]:
         return names | {"SMTP_HOST", "SMTP_PORT", "EMAIL_ADDRESS_KEY"}
     if name == "identity":  # rate-limit counts shared by its replicas; the built-in owner's key
         return names | {"REDIS_URL", "BOOTSTRAP_ADMIN_API_KEY"}
+    if name == "notification":  # the base of its unsubscribe links, and their signing key
+        return names | {"NOTIFICATION_PUBLIC_URL", "NOTIFICATION_UNSUBSCRIBE_KEY"}
     if name == "audit":  # runs as an append-only role; migrations as the tables' owner
         return names | {"AUDIT_MIGRATION_DATABASE_URL", "AUDIT_APP_ROLE"}
     return names
