@@ -182,6 +182,6 @@ async def test_the_stream_reads_rows_and_never_holds_a_session(on_sqlite: Served
         pool = service.app.state.engine.pool
 
         async def nothing_checked_out() -> bool:  # the relay's polls check out briefly
-            return pool.checkedout() == 0
+            return bool(pool.checkedout() == 0)
 
         await eventually(nothing_checked_out, timeout=5, what="no connection held by the stream")
