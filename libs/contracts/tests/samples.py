@@ -134,6 +134,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "locale": "en-GB",
         "list_unsubscribe_url": "https://notify.example.com/unsubscribe?token=u1.abc.def",
     },
+    "notification.job.v1": {"job": "webhook_attempt", "ref": "wha_0123456789", "user_id": USER_ID},
 }
 
 

@@ -284,6 +284,17 @@ class AuditCheckpointV1(Payload):
     signature: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{86}$")]
 
 
+class NotificationJobV1(Payload):
+    """Command: the notification service's own deferred work, sent to itself when it is due."""
+
+    event_type: ClassVar[str] = "notification.job"
+    version: ClassVar[int] = 1
+
+    job: Literal["deliver", "digest", "webhook_attempt"]
+    ref: Annotated[str, Field(pattern=r"^[A-Za-z0-9_:.-]{1,120}$")]
+    user_id: UserId | None = None
+
+
 PAYLOAD_TYPES: dict[str, type[Payload]] = {
     model.routing_key: model
     for model in (
@@ -303,6 +314,7 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
         ReportReadyV1,
         AuditCheckpointV1,
         EmailSendV1,
+        NotificationJobV1,
     )
 }
 """Every payload model, by routing key (``user.created.v1``)."""
