@@ -10,6 +10,7 @@ from tributary.messaging.settings import MessagingSettings
 from tributary.notification import api, stream, unsubscribe
 from tributary.notification.channels import Dispatcher, Email, InApp, UnsubscribeLinks
 from tributary.notification.handlers import event_handlers
+from tributary.notification.jobs import Jobs
 from tributary.notification.settings import Settings
 from tributary.notification.streams import Streams
 from tributary.notification.tokens import DEVELOPMENT_UNSUBSCRIBE_KEY
@@ -42,6 +43,7 @@ def create_app(
         ttl_seconds=settings.unsubscribe_ttl_days * 86400,
     )
     dispatcher = Dispatcher([InApp(streams), Email(links)])
+    jobs = Jobs()  # deferred work; each feature registers its job kinds here
 
     async def startup(stack: AsyncExitStack, app: FastAPI) -> None:
         streams.open()
@@ -54,6 +56,7 @@ def create_app(
             migrations=Path(__file__).parent / "migrations",
             routers=[api.router, stream.router, unsubscribe.router],
             handlers=event_handlers(dispatcher),
+            commands=jobs.command_handlers(),
             messaging=messaging,
             startup=startup,
             description=(
@@ -63,6 +66,7 @@ def create_app(
         )
     )
     app.state.streams = streams
+    app.state.jobs = jobs
     app.state.notification_settings = settings
     app.state.unsubscribe_key = key
     return app
