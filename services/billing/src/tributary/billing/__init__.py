@@ -1,0 +1,1 @@
+"""Billing: paid plans, payment webhooks, event-sourced subscriptions and their projections."""
