@@ -2,10 +2,11 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
+from tributary.notification.webhook_settings import WebhookSettings
 from tributary.service.settings import ServiceSettings
 
 
-class Settings(ServiceSettings):
+class Settings(ServiceSettings, WebhookSettings):
     database_url: str = Field(
         default="sqlite+aiosqlite:///var/notification.db",
         validation_alias="NOTIFICATION_DATABASE_URL",
