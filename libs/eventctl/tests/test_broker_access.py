@@ -106,8 +106,12 @@ def test_topic_permissions_follow_the_catalog() -> None:
     assert _matches(comments.topic.write, "comment.mentioned.v1")
     assert not _matches(comments.topic.write, "report.ready.v1")
     assert comments.permissions.configure == comments.permissions.read == NOTHING
-    billing = plan.user("billing")  # publishes, consumes nothing: no queue to read
-    assert billing.permissions.read == NOTHING
+    billing = plan.user("billing")
+    assert billing.topic is not None
+    assert _matches(billing.topic.write, "payment.refunded.v1")
+    assert not _matches(billing.topic.write, "subscription.activated.v1")
+    assert _matches(billing.topic.read, "subscription.activated.*")  # the saga's next step
+    assert not _matches(billing.topic.read, "payment.succeeded.*")
 
 
 @given(

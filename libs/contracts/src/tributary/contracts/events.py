@@ -224,6 +224,36 @@ class PaymentFailedV1(Payload):
     failed_at: Timestamp
 
 
+class PaymentRefundedV1(Payload):
+    """The payment provider refunded (part of) a payment; one event per refund."""
+
+    event_type: ClassVar[str] = "payment.refunded"
+    version: ClassVar[int] = 1
+
+    payment_id: PaymentId
+    user_id: UserId
+    amount_cents: Annotated[int, Field(ge=1)]
+    currency: Currency
+    provider_reference: Annotated[str, Field(min_length=1, max_length=100)]
+    full: bool | None = None
+    reason: Annotated[str, Field(max_length=500)] | None = None
+    refunded_at: Timestamp
+
+
+class SubscriptionCancelledV1(Payload):
+    """A subscription ended: cancelled by its user before paying, or by a full refund."""
+
+    event_type: ClassVar[str] = "subscription.cancelled"
+    version: ClassVar[int] = 1
+
+    subscription_id: SubscriptionId
+    user_id: UserId
+    plan: PaidPlan
+    reason: Literal["cancelled_by_user", "refunded", "activation_rejected", "activation_timeout"]
+    payment_id: PaymentId | None = None
+    cancelled_at: Timestamp
+
+
 class CommentMentionedV1(Payload):
     """A user was mentioned in a comment (produced outside this repo)."""
 
@@ -310,6 +340,8 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
         EmailFailedV1,
         PaymentSucceededV1,
         PaymentFailedV1,
+        PaymentRefundedV1,
+        SubscriptionCancelledV1,
         CommentMentionedV1,
         ReportReadyV1,
         AuditCheckpointV1,
