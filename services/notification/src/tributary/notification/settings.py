@@ -44,3 +44,8 @@ class Settings(ServiceSettings, WebhookSettings):
         default=10, ge=1, validation_alias="NOTIFICATION_SSE_STREAMS_PER_USER"
     )
     """Open streams one user may hold in one process; one more is answered 429."""
+    digest_window_seconds: float = Field(
+        default=600.0, gt=0, le=86400, validation_alias="NOTIFICATION_DIGEST_WINDOW_SECONDS"
+    )
+    """Mentions of one user within this long of the first become one email (a digest); in-app
+    stays immediate."""
