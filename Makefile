@@ -54,6 +54,7 @@ bench: sync  ## benchmarks (not tests: figures and ratios, recorded in bench/RES
 	$(UV) run --frozen --group bench python -m bench.messaging_bench
 	$(UV) run --frozen --group bench python -m bench.signup_bench
 	$(UV) run --frozen --group bench python -m bench.sqlite_sync_bench
+	$(UV) run --frozen --group bench python -m bench.notification_bench
 
 # make chaos SEED=42 DB=sqlite SIGNUPS=1000 FAULTS=8 KINDS=kill,smtp_pause PROFILE=quick
 chaos: sync  ## chaos soak: 5,000 sign-ups under seeded faults, then every invariant checked

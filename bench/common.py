@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import os
 import subprocess
@@ -168,11 +169,18 @@ def _template() -> bytes:
 
 @dataclass
 class Events:
-    """``n`` distinct user.created.v2 envelopes (unique id and user id each), ~1 KB."""
+    """``n`` distinct user.created.v2 envelopes (unique id and user id each), ~1 KB.
+
+    Other traffic keeps the same shape: envelopes with their ids, the routing key and
+    producer (``app_id``) of their messages, and headers each message carries.
+    """
 
     ids: list[str]
     bodies: list[bytes]
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    routing_key: str = ROUTING_KEY
+    app_id: str = "identity"
+    headers: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def make(cls, n: int) -> Events:
@@ -193,10 +201,11 @@ class Events:
         return event_message(
             self.bodies[i],
             event_id=self.ids[i],
-            routing_key=ROUTING_KEY,
-            app_id="identity",
+            routing_key=self.routing_key,
+            app_id=self.app_id,
             correlation_id=self.ids[i],
             timestamp=self.created,
+            headers=dict(self.headers),
         )
 
     @property
@@ -280,29 +289,38 @@ class Databases:
     created: list[str] = field(default_factory=list)
 
     @asynccontextmanager
-    async def fresh(self, kind: DbKind) -> AsyncIterator[AsyncEngine]:
+    async def fresh_url(self, kind: DbKind) -> AsyncIterator[str]:
+        """The URL of a new, empty database (no tables), removed afterwards."""
         name = f"bench_{uuid.uuid4().hex[:12]}"
         if kind == "sqlite":
             url = f"sqlite+aiosqlite:///{self.tmp / (name + '.db')}"
         else:
             url = await create_postgres_database(self.postgres_server, name)
-        engine = create_engine(url)
         try:
-            await create_runtime_tables(engine)
-            async with engine.begin() as conn:
-                await conn.run_sync(
-                    lambda c: SQLModel.metadata.create_all(
-                        c, tables=[SQLModel.metadata.tables["bench_things"]]
-                    )
-                )
-            yield engine
+            yield url
         finally:
-            await engine.dispose()
             if kind == "postgres":
                 await drop_postgres_database(self.postgres_server, name)
             else:
                 for suffix in ("", "-wal", "-shm"):
                     (self.tmp / f"{name}.db{suffix}").unlink(missing_ok=True)
+
+    @asynccontextmanager
+    async def fresh(self, kind: DbKind) -> AsyncIterator[AsyncEngine]:
+        """A new database with the runtime's tables and ``bench_things``."""
+        async with self.fresh_url(kind) as url:
+            engine = create_engine(url)
+            try:
+                await create_runtime_tables(engine)
+                async with engine.begin() as conn:
+                    await conn.run_sync(
+                        lambda c: SQLModel.metadata.create_all(
+                            c, tables=[SQLModel.metadata.tables["bench_things"]]
+                        )
+                    )
+                yield engine
+            finally:
+                await engine.dispose()
 
 
 @asynccontextmanager
@@ -343,6 +361,63 @@ def results_table(rows: Sequence[Row]) -> str:
         cells = [row.figure, row.value, row.baseline, row.ratio, row.target, row.verdict]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# -- other processes' CPU ------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` (all its threads) so far; 0 for a process that is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def pids_named(comm: str) -> list[int]:
+    """The processes whose command name is ``comm`` (``beam.smp``: RabbitMQ; ``postgres``)."""
+    pids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == comm:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def cpu_by_pid(comm: str) -> dict[int, float]:
+    """CPU so far of each process named ``comm``: two readings give a window's CPU
+    (:func:`cpu_between`), processes started in between included."""
+    return {pid: cpu_seconds(pid) for pid in pids_named(comm)}
+
+
+def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds the processes of ``after`` spent since ``before`` (new ones from zero;
+    ones that ended in between are not counted)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
+# -- stamps and results files ------------------------------------------------------------------
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put ``text`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``,
+    replacing what was there; without those markers, the section (markers included) is
+    appended. Everything outside the markers is left as it was."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.strip()}\n{end}"
+    old = path.read_text() if path.exists() else ""
+    first, last = old.find(start), old.find(end)
+    if first >= 0 and last > first:
+        new = old[:first] + block + old[last + len(end) :]
+    elif first >= 0 or last >= 0:
+        raise ValueError(f"{path}: the markers of {name!r} are not a start and then an end")
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old.strip() else "") + block + "\n"
+    path.write_text(new)
 
 
 def package_version(dist: str) -> str:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -69,8 +68,10 @@ from bench.common import (
     Clock,
     Events,
     Row,
+    cpu_seconds,
     package_version,
     percentile,
+    pids_named,
     rabbitmq_version,
     results_table,
 )
@@ -85,7 +86,6 @@ WORKSPACE_CREATED = "com.tributary.workspace.created.v1"
 EMAIL_SENT = "com.tributary.email.sent.v1"
 AUDITED_PER_SIGN_UP = 3  # user.created, workspace.created, email.sent
 IN_FLIGHT = 32
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 _T0 = time.perf_counter()
@@ -184,32 +184,12 @@ def memory_kib(pid: int) -> dict[str, int]:
     return found
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` (all its threads) so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def machine_jiffies() -> tuple[int, int, int]:
     """(busy, total, steal) over every CPU since boot."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = values[3] + values[4]
     steal = values[7] if len(values) > 7 else 0
     return sum(values) - idle, sum(values), steal
-
-
-def broker_pids() -> list[int]:
-    """The local RabbitMQ (``beam.smp``) processes, to account for their CPU."""
-    pids: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "beam.smp":
-                    pids.append(int(entry.name))
-    return pids
 
 
 @dataclass
@@ -243,7 +223,7 @@ class CpuMeter:
         self.pids: dict[str, list[int]] = {
             name: [p.process.pid] for name, p in stack.services.items() if p.process is not None
         }
-        if broker := broker_pids():
+        if broker := pids_named("beam.smp"):  # the local RabbitMQ
             self.pids["rabbitmq"] = broker
         self.pids["load generator"] = [os.getpid()]
         sink: Any = stack.mail
