@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client.registry import Collector
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -54,6 +55,8 @@ class ServiceSpec:
     description: str = ""
     key_source: Callable[[FastAPI], KeySource] | None = None
     """Where token signing keys come from, built once the engine exists; None: identity's JWKS."""
+    collectors: Sequence[Collector] = ()
+    """The service's own Prometheus metrics, served by ``GET /metrics`` with the runtime's."""
 
 
 async def _start_bus(bus: Bus) -> None:
@@ -71,6 +74,8 @@ async def _start_bus(bus: Bus) -> None:
 def create_app(spec: ServiceSpec) -> FastAPI:
     setup_tracing(spec.name)
     metrics = ServiceMetrics(spec.name)
+    for collector in spec.collectors:
+        metrics.registry.register(collector)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -125,6 +130,7 @@ def create_app(spec: ServiceSpec) -> FastAPI:
     instrument_app(app)  # outermost: the server span covers the correlation middleware
     app.include_router(health_router())
     app.include_router(metrics.router(), dependencies=[public()])
+    app.state.metrics = metrics  # a service may register collectors of its own
     for router in spec.routers:
         app.include_router(router)
     return app

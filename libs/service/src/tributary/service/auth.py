@@ -92,11 +92,14 @@ SCOPES: Mapping[str, str] = {
     "workspaces:read": "Read your own workspace",
     "notifications:read": "Read your own notifications (and their live stream) and preferences",
     "notifications:write": "Mark your own notifications read and change your preferences",
+    "billing:read": "Read your own subscriptions",
+    "billing:write": "Start or cancel your own subscriptions",
     "users:admin": "Read, change or erase any user; list, issue or revoke anyone's API keys",
     "roles:write": "Change users' roles",
     "emails:read": "Read the emails sent",
     "audit:read": "Read the audit log",
     "audit:verify": "Verify the audit log's hash chain",
+    "revenue:read": "Read billing's revenue per plan",
     "signing-keys:write": "Rotate the token signing keys",
 }
 SELF_SCOPES = frozenset(
@@ -107,6 +110,8 @@ SELF_SCOPES = frozenset(
         "workspaces:read",
         "notifications:read",
         "notifications:write",
+        "billing:read",
+        "billing:write",
     }
 )
 """Granted to every user's keys; they act on the caller's own resources only."""
