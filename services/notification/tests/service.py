@@ -93,8 +93,9 @@ async def probed(app: FastAPI, broker_url: str) -> AsyncIterator[str]:
     try:
         yield probe
     finally:
-        qs = names.service_queues("notification", len(bus_settings.retry_tiers))
-        await delete_prefixed(broker_url, names, [probe, qs.work, qs.dlq, *qs.retries])
+        # every queue the bus declared, command queues included (a leaked quorum queue keeps
+        # file handles on the broker, which refuses connections once they run out)
+        await delete_prefixed(broker_url, names, [probe, *app.state.bus.queue_names()])
 
 
 @asynccontextmanager

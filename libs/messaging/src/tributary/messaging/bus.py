@@ -105,6 +105,11 @@ class Bus:
             sets.append((qs, self._subscriptions({payload_type: handler})))
         return sets
 
+    def queue_names(self) -> list[str]:
+        """Every queue this bus declares: its event queue set and one set per command it
+        handles (work queue, DLQ, retry tiers)."""
+        return [name for qs, _ in self._queue_sets() for name in (qs.work, qs.dlq, *qs.retries)]
+
     async def start(self, *, consume: bool = True) -> None:
         """Connect, declare the topology, start the relay and (unless told not to) consumers."""
         self._connection = await aio_pika.connect_robust(

@@ -35,11 +35,8 @@ async def started_bus(
         yield outcomes
     finally:
         await bus.stop()
-        if owns_topology:
-            qs = bus.names.service_queues(bus.service, len(bus.settings.retry_tiers))
-            await delete_prefixed(
-                bus.settings.rabbitmq_url, bus.names, [qs.work, qs.dlq, *qs.retries]
-            )
+        if owns_topology:  # command queues too: a leaked quorum queue holds file handles
+            await delete_prefixed(bus.settings.rabbitmq_url, bus.names, bus.queue_names())
 
 
 def isolated_settings(rabbitmq_url: str, **overrides: Any) -> MessagingSettings:
