@@ -19,20 +19,24 @@ from .stack import SIGNUP_SERVICES, Stack, queue_names
 
 @contextmanager
 def new_stack(
-    request: pytest.FixtureRequest, kind: str, workdir: Path, broker_url: str
+    request: pytest.FixtureRequest,
+    kind: str,
+    workdir: Path,
+    broker_url: str,
+    services: tuple[str, ...] = SIGNUP_SERVICES,
 ) -> Iterator[Stack]:
     """An unstarted stack with fresh databases (one per service); everything removed after."""
     created: list[str] = []
     server = ""
     if kind == "sqlite":
-        urls = {n: f"sqlite+aiosqlite:///{workdir / (n + '.db')}" for n in SIGNUP_SERVICES}
+        urls = {n: f"sqlite+aiosqlite:///{workdir / (n + '.db')}" for n in services}
     else:
         found: Found = request.getfixturevalue("postgres")
         server = found.url
-        created = [f"e2e_{n}_{uuid.uuid4().hex[:8]}" for n in SIGNUP_SERVICES]
+        created = [f"e2e_{n}_{uuid.uuid4().hex[:8]}" for n in services]
         urls = {
             n: asyncio.run(create_postgres_database(server, db))
-            for n, db in zip(SIGNUP_SERVICES, created, strict=True)
+            for n, db in zip(services, created, strict=True)
         }
     stack = Stack(broker_url=broker_url, workdir=workdir, database_urls=urls)
     stack.mail.start()
@@ -41,7 +45,8 @@ def new_stack(
     finally:
         stack.stop()
         stack.mail.stop()
-        asyncio.run(delete_prefixed(broker_url, Names(stack.prefix), queue_names(stack.prefix)))
+        queues = queue_names(stack.prefix, services=services)
+        asyncio.run(delete_prefixed(broker_url, Names(stack.prefix), queues))
         stack.remove_users()
         for name in created:
             asyncio.run(drop_postgres_database(server, name))

@@ -39,6 +39,7 @@ from tributary.testkit.otlp import OtlpReceiver
 from tributary.testkit.processes import ServiceProcess, free_port, service_env
 
 SIGNUP_SERVICES = ("identity", "onboarding", "email", "audit")
+ALL_SERVICES = (*SIGNUP_SERVICES, "notification")
 
 
 class MailSink:
@@ -194,6 +195,16 @@ class Stack:
         }
         if "identity" in self.ports:  # every service verifies tokens with identity's keys
             values["TRIBUTARY_AUTH_ISSUER"] = f"http://127.0.0.1:{self.ports['identity']}"
+        if name == "notification":
+            values.update(
+                NOTIFICATION_PUBLIC_URL=f"http://127.0.0.1:{port}",
+                NOTIFICATION_UNSUBSCRIBE_KEY=secrets.token_urlsafe(32),
+                NOTIFICATION_SSE_HEARTBEAT_SECONDS="1",
+                # webhook receivers and retry schedules of a test, digest windows in seconds
+                NOTIFICATION_WEBHOOK_ALLOW_LOOPBACK="true",
+                NOTIFICATION_WEBHOOK_RETRY_SCHEDULE="[0, 1, 2, 4]",
+                NOTIFICATION_DIGEST_WINDOW_SECONDS="3",
+            )
         if self.otlp is not None:
             values.update(
                 OTEL_EXPORTER_OTLP_ENDPOINT=self.otlp.endpoint,
@@ -278,9 +289,17 @@ def dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def queue_names(prefix: str, tiers: int = 3) -> list[str]:
+def queue_names(
+    prefix: str, tiers: int = 3, services: tuple[str, ...] = SIGNUP_SERVICES
+) -> list[str]:
+    """Every queue the services declare: their event queue sets and their command queues."""
+    commands = [
+        spec.name
+        for spec in catalog()
+        if spec.kind == "command" and set(spec.consumers) & set(services)
+    ]
     names: list[str] = []
-    for base in (*(f"{s}.events" for s in SIGNUP_SERVICES), "email.send"):
+    for base in (*(f"{s}.events" for s in services), *commands):
         root = base.removesuffix(".events")
         names += [f"{prefix}{base}", f"{prefix}{root}.dlq"]
         names += [f"{prefix}{root}.retry.{n}" for n in range(1, tiers + 1)]
