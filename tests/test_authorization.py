@@ -29,6 +29,8 @@ from tributary.messaging.testing import delete_prefixed, isolated_settings
 from tributary.notification import tokens as unsubscribe_tokens
 from tributary.notification.app import create_app as notification_app
 from tributary.notification.settings import Settings as NotificationSettings
+from tributary.notification.webhook_models import WebhookDelivery, WebhookEndpoint
+from tributary.notification.webhooks import new_endpoint_id, new_message_id, new_secret
 from tributary.onboarding.app import create_app as onboarding_app
 from tributary.onboarding.models import Workspace
 from tributary.onboarding.settings import Settings as OnboardingSettings
@@ -56,7 +58,8 @@ another user's resource answers 404 as if absent; admin: admin scopes only."""
 @dataclass(frozen=True)
 class Call:
     """How to call a route for one caller: ``{owner}``, ``{key}``, ``{workspace}``,
-    ``{unsubscribe}`` (an unsubscribe token of the owner's) filled in."""
+    ``{unsubscribe}`` (an unsubscribe token of the owner's), ``{webhook}`` and ``{delivery}``
+    (a webhook endpoint of the owner's and a delivery of it) filled in."""
 
     kind: Kind
     path: str
@@ -143,6 +146,33 @@ ROUTES: dict[tuple[str, str, str], Call] = {
     ("notification", "POST", "/unsubscribe"): Call(
         "public", "/unsubscribe", 200, params={"token": "{unsubscribe}"}
     ),
+    # webhooks: {webhook} is an endpoint of the owner's with one delivery, {delivery}
+    ("notification", "POST", "/users/{user_id}/webhooks"): Call(
+        "self", "/users/{owner}/webhooks", 201, json={"url": "https://93.184.216.34/hook"}
+    ),
+    ("notification", "GET", "/users/{user_id}/webhooks"): Call(
+        "self", "/users/{owner}/webhooks", 200
+    ),
+    ("notification", "GET", "/users/{user_id}/webhooks/{webhook_id}"): Call(
+        "self", "/users/{owner}/webhooks/{webhook}", 200
+    ),
+    ("notification", "PATCH", "/users/{user_id}/webhooks/{webhook_id}"): Call(
+        "self", "/users/{owner}/webhooks/{webhook}", 200, json={"description": "renamed"}
+    ),
+    ("notification", "DELETE", "/users/{user_id}/webhooks/{webhook_id}"): Call(
+        "self", "/users/{owner}/webhooks/{webhook}", 204
+    ),
+    ("notification", "POST", "/users/{user_id}/webhooks/{webhook_id}/rotate-secret"): Call(
+        "self", "/users/{owner}/webhooks/{webhook}/rotate-secret", 200
+    ),
+    ("notification", "GET", "/users/{user_id}/webhooks/{webhook_id}/deliveries"): Call(
+        "self", "/users/{owner}/webhooks/{webhook}/deliveries", 200
+    ),
+    (
+        "notification",
+        "POST",
+        "/users/{user_id}/webhooks/{webhook_id}/deliveries/{delivery_id}/resend",
+    ): Call("self", "/users/{owner}/webhooks/{webhook}/deliveries/{delivery}/resend", 202),
 }
 for _service in ("identity", "onboarding", "email", "audit", "notification"):
     ROUTES[(_service, "GET", "/health/live")] = Call("public", "/health/live", 200)
@@ -268,8 +298,8 @@ def _headers(
 
 
 async def _resources(services: Services, n: int) -> dict[str, str]:
-    """A fresh user (the owner), one of their API keys, their workspace and an unsubscribe
-    token of theirs."""
+    """A fresh user (the owner), one of their API keys, their workspace, an unsubscribe
+    token of theirs, and a webhook endpoint of theirs with a delivery."""
     identity = services.clients["identity"]
     body = {"email": f"owner{n}-{time.time_ns()}@example.com", "name": "Owner", "locale": "en-GB"}
     answer = await identity.post("/users", json=body)
@@ -281,6 +311,7 @@ async def _resources(services: Services, n: int) -> dict[str, str]:
         workspace = Workspace.for_owner(user["id"], "Owner's workspace")
         session.add(workspace)
         await session.commit()
+    webhook, delivery = await _webhook(services, user["id"])
     unsubscribe = unsubscribe_tokens.mint(
         user["id"],
         "mentions",
@@ -292,7 +323,33 @@ async def _resources(services: Services, n: int) -> dict[str, str]:
         "key": key["id"],
         "workspace": workspace.id,
         "unsubscribe": unsubscribe,
+        "webhook": webhook,
+        "delivery": delivery,
     }
+
+
+async def _webhook(services: Services, owner: str) -> tuple[str, str]:
+    """A webhook endpoint of ``owner``'s with one delivery (to loopback, which the service
+    refuses to call: a re-send stays local)."""
+    endpoint = WebhookEndpoint(
+        id=new_endpoint_id(), user_id=owner, url="https://127.0.0.1:9/hook", secret=new_secret()
+    )
+    delivery = WebhookDelivery(
+        id=new_message_id(),
+        endpoint_id=endpoint.id,
+        user_id=owner,
+        source=f"report.ready:rpt_{endpoint.id}",
+        category="reports",
+        event_id="evt-authorization",
+        payload="{}",
+        status="succeeded",
+        next_attempt=None,
+    )
+    async with services.apps["notification"].state.sessions() as session:
+        session.add(endpoint)
+        session.add(delivery)
+        await session.commit()
+    return endpoint.id, delivery.id
 
 
 def _fill(value: Any, names: dict[str, str]) -> Any:

@@ -7,13 +7,14 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from tributary.messaging.settings import MessagingSettings
-from tributary.notification import api, stream, unsubscribe
+from tributary.notification import api, stream, unsubscribe, webhook_api
 from tributary.notification.channels import Dispatcher, Email, InApp, UnsubscribeLinks
 from tributary.notification.handlers import event_handlers
 from tributary.notification.jobs import Jobs
 from tributary.notification.settings import Settings
 from tributary.notification.streams import Streams
 from tributary.notification.tokens import DEVELOPMENT_UNSUBSCRIBE_KEY
+from tributary.notification.webhooks import Webhooks
 from tributary.service.app import ServiceSpec
 from tributary.service.app import create_app as build
 
@@ -42,8 +43,10 @@ def create_app(
         key=key,
         ttl_seconds=settings.unsubscribe_ttl_days * 86400,
     )
-    dispatcher = Dispatcher([InApp(streams), Email(links)])
     jobs = Jobs()  # deferred work; each feature registers its job kinds here
+    in_app = InApp(streams)
+    webhooks = Webhooks(settings, jobs, in_app)  # registers the webhook_attempt job
+    dispatcher = Dispatcher([in_app, Email(links), webhooks.channel])
 
     async def startup(stack: AsyncExitStack, app: FastAPI) -> None:
         streams.open()
@@ -54,11 +57,12 @@ def create_app(
             name="notification",
             settings=settings,
             migrations=Path(__file__).parent / "migrations",
-            routers=[api.router, stream.router, unsubscribe.router],
+            routers=[api.router, stream.router, unsubscribe.router, webhook_api.router],
             handlers=event_handlers(dispatcher),
             commands=jobs.command_handlers(),
             messaging=messaging,
             startup=startup,
+            collectors=[webhooks.metrics],
             description=(
                 "Notifies users of what happened to them -- in-app (with a live stream) and by "
                 "email through the email.send command -- as their per-category preferences say."
@@ -67,6 +71,7 @@ def create_app(
     )
     app.state.streams = streams
     app.state.jobs = jobs
+    app.state.webhooks = webhooks
     app.state.notification_settings = settings
     app.state.unsubscribe_key = key
     return app

@@ -54,6 +54,7 @@ from tributary.notification.models import (
     Notification,
     Preference,
 )
+from tributary.notification.webhooks import erase_user as erase_webhooks
 
 log = logging.getLogger("tributary.notification")
 
@@ -189,7 +190,7 @@ async def on_user_erased(event: Event[UserErasedV1], uow: UnitOfWork) -> None:
     addresses = [recipient.email] if recipient is not None else []
     # the sweep first: it holds no database lock while the broker is read
     erased = await uow.erase_person(user_id, also=[a for a in addresses if len(a) >= MIN_LENGTH])
-    removed = 0
+    removed = await erase_webhooks(uow.session, user_id)  # endpoints, deliveries, attempts
     for table in (Notification, Delivery, Preference, InboxHead, Address):
         result = await uow.session.exec(delete(table).where(col(table.user_id) == user_id))
         removed += result.rowcount or 0
