@@ -21,9 +21,11 @@ class WebhookSettings(BaseSettings):
     before the first attempt (0: at once), each next one the wait after a failed attempt.
     Its length is the number of scheduled attempts."""
     webhook_timeout_seconds: float = Field(
-        default=15.0, gt=0, le=60, validation_alias="NOTIFICATION_WEBHOOK_TIMEOUT_SECONDS"
+        default=15.0, gt=0, le=30, validation_alias="NOTIFICATION_WEBHOOK_TIMEOUT_SECONDS"
     )
-    """An attempt succeeds only with a 2xx answer within this time (resolution included)."""
+    """An attempt succeeds only with a 2xx answer within this time (resolution included). At
+    most 30 s: the attempt runs inside a job handler, which the runtime stops after
+    ``TRIBUTARY_HANDLER_TIMEOUT_SECONDS`` (60 s by default)."""
     webhook_disable_after_seconds: float = Field(
         default=5 * 86400, gt=0, validation_alias="NOTIFICATION_WEBHOOK_DISABLE_AFTER_SECONDS"
     )
