@@ -1,5 +1,6 @@
 """A hand-written event store on SQLAlchemy: append with an expected version, read a stream,
-read everything after a position. Why not a library: see the ADR draft in the notes.
+read everything after a position. Why hand-written rather than a library: the ADR on the
+event store in docs/adr.
 
 * One table, ``event_store``: ``(position, event_id, stream_id, version, type,
   schema_version, data, metadata, recorded_at)``, unique ``(stream_id, version)``,
@@ -7,11 +8,11 @@ read everything after a position. Why not a library: see the ADR draft in the no
 * **Optimistic concurrency**: ``append(stream, expected_version, events)`` fails with
   :class:`ConcurrencyConflict` when the stream is not at ``expected_version`` any more;
   the unique key is the backstop when two appends race past the check.
-* **Appends are serialized** (PostgreSQL: a transaction-scoped advisory lock; SQLite has one
-  writer anyway), so positions are handed out in commit order: a reader that has seen
-  position N has seen every event before it. That is what lets a projection record one
-  position and apply each event exactly once, and a rebuild catch up to the live position.
-  The price is one appender at a time, ample for billing's rate of events.
+* **Appends are serialized** (:meth:`EventStore.lock`: PostgreSQL's transaction-scoped
+  advisory lock, SQLite's one write lock), so positions are handed out in commit order: a
+  reader that has seen position N has seen every event before it. That is what lets a
+  projection record one position and apply each event exactly once, and a rebuild catch up
+  to the live position. The price is one appender at a time, ample for billing's rate.
 * Events are read upcast to the version the code knows (:mod:`tributary.billing.upcasting`).
 """
 
@@ -123,12 +124,14 @@ class EventStore:
         return int(last or 0)
 
     async def lock(self, session: AsyncSession) -> None:
-        """Serialize appends until the transaction ends (PostgreSQL; SQLite has one writer)."""
-        bind = session.get_bind()
-        if bind.dialect.name == "postgresql":
-            await session.exec(
-                text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=APPEND_LOCK)
-            )  # type: ignore[call-overload]
+        """Hold the append lock until the transaction ends: no other append can happen
+        meanwhile. PostgreSQL: a transaction-scoped advisory lock; SQLite: its one write lock,
+        taken by a statement that writes nothing."""
+        if session.get_bind().dialect.name == "postgresql":
+            statement = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=APPEND_LOCK)
+        else:
+            statement = text("UPDATE projection_state SET position = position WHERE 1 = 0")
+        await session.exec(statement)  # type: ignore[call-overload]
 
     async def append(
         self,
