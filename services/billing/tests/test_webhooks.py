@@ -148,7 +148,7 @@ async def test_forged_stale_oversized_and_replayed_webhooks_are_refused_and_coun
 async def test_webhooks_signed_with_any_active_secret_are_accepted(
     sqlite_url: str, rabbitmq: Found, tmp_path: Path
 ) -> None:
-    rotation = {"BILLING_WEBHOOK_SECRETS": [OTHER_SECRET, "whsec_" + "QUJD" * 8]}
+    rotation: dict[str, Any] = {"BILLING_WEBHOOK_SECRETS": [OTHER_SECRET, "whsec_" + "QUJD" * 8]}
     async with billing_stack(sqlite_url, rabbitmq.url, tmp_path, **rotation) as stack:
         body = notice("payment.disputed", {})
         for secret in rotation["BILLING_WEBHOOK_SECRETS"]:

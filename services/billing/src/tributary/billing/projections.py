@@ -165,6 +165,21 @@ class Projector:
         await session.flush()
         return applied
 
+    async def build(
+        self, session: AsyncSession, name: str, table_name: str, *, batch: int = 500
+    ) -> tuple[Table, int]:
+        """Create ``table_name`` and fill it from the whole store, as projection ``name``
+        would be after every event (the green half of a rebuild; the live table is left as
+        it is). The new table and the store position it is built up to (in ``session``)."""
+        table = self.projections[name].table(table_name)
+        await session.run_sync(lambda sync: table.create(sync.connection()))
+        after = 0
+        while stored := await self.store.read_all(session, after=after, limit=batch):
+            for event in stored:
+                await self.projections[name].apply(session, table, event)
+            after = stored[-1].position
+        return table, after
+
     async def catch_up(self, session: AsyncSession, *, batch: int = 500) -> int:
         """Apply whatever the projections have not seen yet, under the append lock (after a
         projection was added, or to prove nothing was missed); how many applications."""
