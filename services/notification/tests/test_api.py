@@ -17,7 +17,10 @@ from .service import NotificationService, notification_service
 
 @pytest.fixture
 async def service(database_url: str, rabbitmq: Found) -> AsyncIterator[NotificationService]:
-    async with notification_service(database_url, rabbitmq.url) as running:
+    # a mention's mail is a digest: a short window sends it soon
+    async with notification_service(
+        database_url, rabbitmq.url, NOTIFICATION_DIGEST_WINDOW_SECONDS=0.5
+    ) as running:
         yield running
 
 
@@ -79,20 +82,36 @@ async def test_preferences_show_defaults_and_precedence_and_put_replaces_the_cho
     member = service.tokens.member(user)
 
     shown = (await service.client.get(url, headers=member)).json()
-    assert shown["critical"] == ["account"]
-    assert all(all(cell for cell in row.values()) for row in shown["categories"].values())
-    assert shown["sources"]["account"] == dict.fromkeys(("in_app", "email", "webhook"), "critical")
+    assert shown["critical"] == {"account": ["in_app"]}
+    assert shown["quiet_hours"] is None
+    assert shown["categories"] == {  # the defaults: all on but billing email
+        category: {"in_app": True, "email": category != "billing", "webhook": True}
+        for category in ("account", "billing", "mentions", "reports")
+    }
+    assert shown["sources"]["account"] == {
+        "in_app": "critical",
+        "email": "default",
+        "webhook": "default",
+    }
     assert shown["sources"]["mentions"]["email"] == "default"
 
-    body = {"categories": {"mentions": {"email": False}, "account": {"in_app": True}}}
+    body = {
+        "categories": {
+            "mentions": {"email": False},
+            "account": {"in_app": True, "email": False},
+            "billing": {"email": True},
+        }
+    }
     put = await service.client.put(url, json=body, headers=member)
     assert put.status_code == 200, put.text
     assert put.json()["categories"]["mentions"] == {"in_app": True, "email": False, "webhook": True}
     assert put.json()["sources"]["mentions"]["email"] == "user"
     assert put.json()["sources"]["account"]["in_app"] == "critical"
+    assert put.json()["categories"]["account"] == {"in_app": True, "email": False, "webhook": True}
+    assert put.json()["categories"]["billing"]["email"] is True
     assert (await service.client.get(url)).json() == put.json()
 
-    # the shown matrix can be sent back as it is (account's cells are all on)
+    # the shown matrix can be sent back as it is (account in-app is on)
     same = await service.client.put(url, json={"categories": put.json()["categories"]})
     assert same.json()["categories"] == put.json()["categories"]
     assert same.json()["sources"]["reports"]["in_app"] == "user"
@@ -100,12 +119,12 @@ async def test_preferences_show_defaults_and_precedence_and_put_replaces_the_cho
     assert reset["sources"]["mentions"] == dict.fromkeys(("in_app", "email", "webhook"), "default")
 
     critical = problem(
-        await service.client.put(url, json={"categories": {"account": {"email": False}}}), 422
+        await service.client.put(url, json={"categories": {"account": {"in_app": False}}}), 422
     )
     assert critical["errors"] == [
         {
-            "field": "body.categories.account.email",
-            "message": "account notifications are critical and cannot be switched off",
+            "field": "body.categories.account.in_app",
+            "message": "account in_app notifications are critical and cannot be switched off",
             "type": "critical",
         }
     ]

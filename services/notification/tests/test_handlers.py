@@ -80,15 +80,15 @@ async def test_each_event_type_notifies_its_recipient_in_app_and_by_email(
     assert await service.inbox(author) == []
 
     commands = await service.commands(user)
-    assert [c["subject"] for c in commands] == [n.title for n in inbox]
-    for command, notification in zip(commands, inbox, strict=True):
+    mailed = [n for n in inbox if n.category != "billing"]  # billing email is off by default
+    assert [c["subject"] for c in commands] == [n.title for n in mailed]
+    for command, notification in zip(commands, mailed, strict=True):
         assert command["to"] == "ada@example.com"
         assert command["template"] == "notification"
         assert command["locale"] == "de-DE"
         assert command["variables"] == {"text": notification.body, "url": notification.url or ""}
-    # account mail is critical: it offers no unsubscribe; every other category does
-    assert "list_unsubscribe_url" not in commands[0]
-    for command, category in zip(commands[1:], ("billing", "mentions", "reports"), strict=True):
+    # every mail offers one-click unsubscribe, account's too (only its in-app is critical)
+    for command, category in zip(commands, ("account", "mentions", "reports"), strict=True):
         url = command["list_unsubscribe_url"]
         assert url.startswith(f"{PUBLIC_URL}/unsubscribe?token=")
         allowed = tokens.parse(url.split("token=", 1)[1], key=KEY)
@@ -112,7 +112,7 @@ async def test_a_redelivered_or_reannounced_event_makes_one_notification_and_one
     assert [(d.user_id, d.channel) for d in deliveries] == [(user, "email")]
 
 
-async def test_the_critical_account_category_reaches_a_user_who_switched_everything_off(
+async def test_critical_account_in_app_reaches_a_user_who_switched_everything_off(
     service: Service, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     user = await known_user(service)
@@ -127,7 +127,13 @@ async def test_the_critical_account_category_reaches_a_user_who_switched_everyth
     await service.handle(subscription_activated(user))
 
     assert [n.category for n in await service.inbox(user)] == ["account"]
-    assert [c["subject"] for c in await service.commands(user)] == ["Your workspace is ready"]
+    assert await service.commands(user) == []  # account email follows the user's choice
+
+    async with sessions() as session:
+        await set_choice(session, user, "billing", "email", True)  # off by default: on now
+        await session.commit()
+    await service.handle(subscription_activated(user))
+    assert [c["subject"] for c in await service.commands(user)] == ["Your pro plan is active"]
 
 
 async def test_a_channel_switched_off_is_not_used_including_on_redelivery(

@@ -41,10 +41,14 @@ def test_last_event_id_is_ascii_digits_in_range_or_refused(text: str) -> None:
 def test_precedence_is_critical_then_the_users_choice_then_the_default() -> None:
     for category in CATEGORIES:
         for channel in CHANNELS:
+            critical = (category, channel) == ("account", "in_app")
+            default = (category, channel) != ("billing", "email")
             off = {(category, channel): False}
+            on = {(category, channel): True}
             assert decide(category, channel, {}) == (
-                True,
-                "critical" if category == "account" else "default",
+                (True, "critical") if critical else (default, "default")
             )
-            expected = (True, "critical") if category == "account" else (False, "user")
-            assert decide(category, channel, off) == expected
+            assert decide(category, channel, off) == (
+                (True, "critical") if critical else (False, "user")
+            )
+            assert decide(category, channel, on) == (True, "critical" if critical else "user")

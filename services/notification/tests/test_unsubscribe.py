@@ -14,7 +14,14 @@ from tributary.messaging.db import OutboxRow
 from tributary.notification import tokens
 from tributary.testkit.infra import Found
 
-from .events import comment_mentioned, new_user, report_ready, user_created, user_erased
+from .events import (
+    comment_mentioned,
+    new_user,
+    report_ready,
+    user_created,
+    user_erased,
+    workspace_created,
+)
 from .service import KEY, NotificationService, notification_service
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
@@ -23,7 +30,10 @@ ONE_CLICK = {"Content-Type": "application/x-www-form-urlencoded"}
 
 @pytest.fixture
 async def service(database_url: str, rabbitmq: Found) -> AsyncIterator[NotificationService]:
-    async with notification_service(database_url, rabbitmq.url) as running:
+    # a mention's mail is a digest: a short window sends it soon
+    async with notification_service(
+        database_url, rabbitmq.url, NOTIFICATION_DIGEST_WINDOW_SECONDS=0.5
+    ) as running:
         yield running
 
 
@@ -73,6 +83,22 @@ async def test_the_link_in_a_mail_turns_that_categorys_email_off_in_one_click(
     assert "no longer get emails about mention notifications" in page.text
 
 
+async def test_account_mail_can_be_unsubscribed_from_but_its_in_app_stays(
+    service: NotificationService,
+) -> None:
+    user = new_user()
+    await service.deliver(user_created(user), workspace_created(user))
+    [command] = await service.commands(expect=1)
+    path = command["list_unsubscribe_url"].removeprefix("https://notify.example.com")
+    answer = await service.client.post(path, headers={"Authorization": ""})
+    assert answer.json() == {"user_id": user, "category": "account", "email": False}
+    staged = await email_commands(service)
+    await service.deliver(workspace_created(user, "Another"))
+    assert await email_commands(service) == staged
+    inbox = (await service.client.get(f"/users/{user}/notifications")).json()["items"]
+    assert [n["category"] for n in inbox] == ["account", "account"]  # critical in-app
+
+
 async def test_opening_the_link_only_asks_and_changes_nothing(
     service: NotificationService,
 ) -> None:
@@ -111,7 +137,6 @@ async def test_forged_foreign_expired_and_critical_tokens_are_refused_each_with_
         "another user": (signed_as_good(raw.replace(user, other)), 403),
         "another category": (signed_as_good(raw.replace("mentions", "reports")), 403),
         "expired": (mint(user, ttl=-5), 410),
-        "critical": (mint(user, "account"), 422),
         "malformed": ("u1.not-a-token", 400),
     }
     for name, (token, status) in cases.items():

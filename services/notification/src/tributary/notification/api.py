@@ -19,11 +19,13 @@ from tributary.notification.models import Notification, Preference
 from tributary.notification.preferences import (
     CATEGORIES,
     CHANNELS,
-    CRITICAL,
     Category,
     ChannelName,
+    critical_cells,
     decide,
+    is_critical,
 )
+from tributary.notification.quiet import set_quiet_hours, window_for
 from tributary.notification.schemas import (
     MAX_SEQ,
     MarkedRead,
@@ -31,6 +33,7 @@ from tributary.notification.schemas import (
     NotificationPublic,
     PreferencesPublic,
     PreferencesUpdate,
+    QuietHours,
     UserIdPath,
     make_cursor,
     parse_cursor,
@@ -61,16 +64,19 @@ async def _preferences(session: AsyncSession, user_id: str) -> PreferencesPublic
         user_id=user_id,
         categories={c: {ch: decided[(c, ch)][0] for ch in CHANNELS} for c in CATEGORIES},
         sources={c: {ch: decided[(c, ch)][1] for ch in CHANNELS} for c in CATEGORIES},
-        critical=[c for c in CATEGORIES if c in CRITICAL],
+        critical=critical_cells(),
+        quiet_hours=QuietHours.of(await window_for(session, user_id)),
     )
 
 
 @router.get("/users/{user_id}/preferences", dependencies=[READ])
 async def get_preferences(session: SessionDep, user_id: UserIdPath) -> PreferencesPublic:
-    """Which channels each category of notification uses for the user, and why.
+    """Which channels each category of notification uses for the user, and why; their quiet
+    hours.
 
-    Order of precedence: `critical` (account: always on) > the user's choice > the default
-    (every channel on; a webhook needs an endpoint, email an address).
+    Order of precedence: `critical` (account in-app: always on) > the user's choice > the
+    default (every channel on but billing email; a webhook needs an endpoint, email an
+    address).
     """
     await _known(session, user_id)
     return await _preferences(session, user_id)
@@ -81,8 +87,11 @@ async def put_preferences(
     uow: UowDep, user_id: UserIdPath, body: PreferencesUpdate
 ) -> PreferencesPublic:
     """Replace the user's choices: each category and channel given is stored as chosen, the
-    others go back to their default. `account` is critical: switching any of its channels
-    off is refused (422); switching it on changes nothing."""
+    others go back to their default; `quiet_hours` as given (left out or null: none). Account
+    in-app is critical: switching it off is refused (422); switching it on changes nothing.
+
+    Notifications held by quiet hours that now end sooner (or that have none any more) are
+    delivered at the new end (at once)."""
     await _known(uow.session, user_id)
     chosen: dict[tuple[Category, ChannelName], bool] = {}
     refused = []
@@ -94,12 +103,13 @@ async def put_preferences(
             value = getattr(switches, channel)
             if value is None:
                 continue
-            if category in CRITICAL:
+            if is_critical(category, channel):
                 if value is False:
                     refused.append(
                         field_error(
                             f"body.categories.{category}.{channel}",
-                            f"{category} notifications are critical and cannot be switched off",
+                            f"{category} {channel} notifications are critical and cannot be "
+                            "switched off",
                             "critical",
                         )
                     )
@@ -120,6 +130,8 @@ async def put_preferences(
             Preference(user_id=user_id, category=cat, channel=chan, enabled=value, updated_at=stamp)
         )
     await uow.session.flush()
+    window = body.quiet_hours.window() if body.quiet_hours is not None else None
+    await set_quiet_hours(uow, user_id, window)
     answer = await _preferences(uow.session, user_id)
     await uow.commit()
     return answer

@@ -11,7 +11,15 @@ transaction, so a channel switched off before a redelivery is not used by it).
 * ``email``: an ``email.send`` command staged in the outbox, never a call to the email
   service; a ``deliveries`` row keeps it from being staged twice. Not on a replay (unless the
   operator forces it): mail is irreversible;
-* ``webhook``: not built yet; preferences already have its column.
+* ``webhook``: signed deliveries to the user's endpoints (:mod:`tributary.notification.webhooks`).
+
+Two hooks of the dispatcher change *when* or *how* a channel delivers, for every channel alike:
+
+* **quiet hours** (:mod:`tributary.notification.quiet`): a notice that is not urgent, arriving
+  while its user is in quiet hours, is held for every channel but the silent ones (in-app:
+  stored and streamed at once) and delivered by that channel when they end;
+* **digests** (:mod:`tributary.notification.digest`): the email of a mention joins the user's
+  open digest instead of being sent on its own.
 """
 
 from __future__ import annotations
@@ -20,17 +28,25 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from sqlalchemy import update
 from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tributary.contracts.events import EmailSendV1
 from tributary.messaging.erasure import was_erased
 from tributary.messaging.uow import UnitOfWork
 from tributary.notification import tokens
 from tributary.notification.models import Address, Delivery, InboxHead, Notification
-from tributary.notification.preferences import CRITICAL, Category, ChannelName, Choices, enabled
+from tributary.notification.preferences import (
+    Category,
+    ChannelName,
+    Choices,
+    enabled,
+    is_critical,
+)
 from tributary.notification.store import choices_of, lock_inbox
 from tributary.notification.streams import Streams, wake_after_commit
 
@@ -143,7 +159,9 @@ class Email:
             )
         request_id = uuid.uuid5(_REQUEST_IDS, f"{notice.source}|{notice.user_id}|{self.name}")
         unsubscribe = (
-            None if notice.category in CRITICAL else self.links.url(notice.user_id, notice.category)
+            None
+            if is_critical(notice.category, self.name)  # a mail that cannot be switched off
+            else self.links.url(notice.user_id, notice.category)
         )
         uow.outbox.add(
             EmailSendV1(
@@ -172,11 +190,51 @@ class Email:
         await session.flush()
 
 
-class Dispatcher:
-    """Sends a notice through every channel its user has on for its category."""
+SILENT: frozenset[ChannelName] = frozenset({"in_app"})
+"""Channels quiet hours never hold: a row in the inbox makes no sound (an open app shows it)."""
 
-    def __init__(self, channels: Sequence[Channel]) -> None:
+
+class Holder(Protocol):
+    """Quiet hours, as the dispatcher uses them."""
+
+    async def quiet_until(self, session: AsyncSession, user_id: str) -> datetime | None:
+        """When the user's quiet hours end if they are in them now, else None."""
+        ...
+
+    async def hold(
+        self, notice: Notice, channel: ChannelName, until: datetime, uow: UnitOfWork
+    ) -> None:
+        """Keep ``notice`` for ``channel`` and deliver it at ``until``."""
+        ...
+
+
+class Collector(Protocol):
+    """Digests, as the dispatcher uses them."""
+
+    def collects(self, notice: Notice, channel: ChannelName) -> bool:
+        """Whether ``notice`` goes into a digest instead of through ``channel`` at once."""
+        ...
+
+    async def collect(self, notice: Notice, uow: UnitOfWork) -> None: ...
+
+
+class Dispatcher:
+    """Sends a notice through every channel its user has on for its category: at once, held
+    until the user's quiet hours end (``holder``), or into a digest (``collector``)."""
+
+    def __init__(
+        self,
+        channels: Sequence[Channel],
+        *,
+        holder: Holder | None = None,
+        collector: Collector | None = None,
+    ) -> None:
         self.channels = list(channels)
+        self.holder = holder
+        self.collector = collector
+
+    def channel(self, name: str) -> Channel | None:
+        return next((c for c in self.channels if c.name == name), None)
 
     async def notify(self, notice: Notice, uow: UnitOfWork) -> list[ChannelName]:
         """The channels that were asked to deliver (each may find it delivered before)."""
@@ -186,11 +244,46 @@ class Dispatcher:
         # first: every later read about the user waits for a competing transaction to end
         await lock_inbox(uow.session, notice.user_id)
         choices: Choices = await choices_of(uow.session, notice.user_id)
+        until = await self._quiet_until(notice, uow)
         used: list[ChannelName] = []
         for channel in self.channels:
             if not enabled(notice.category, channel.name, choices):
                 log.info("%s: %s is off for %s", notice.source, channel.name, notice.category)
                 continue
-            await channel.deliver(notice, uow)
+            if self.collector is not None and self.collector.collects(notice, channel.name):
+                if uow.suppress_side_effects:  # its digest would send it
+                    log.info("replayed delivery: %s not added to a digest", notice.source)
+                else:
+                    await self.collector.collect(notice, uow)
+            else:
+                await self._deliver(notice, channel, uow, until)
             used.append(channel.name)
         return used
+
+    async def send(self, notice: Notice, name: ChannelName, uow: UnitOfWork) -> bool:
+        """Deliver ``notice`` through one channel alone (a digest's email), if the user has it
+        on; held if they are in quiet hours. Whether it was on."""
+        channel = self.channel(name)
+        if channel is None or await was_erased(uow.session, notice.user_id):
+            return False
+        await lock_inbox(uow.session, notice.user_id)
+        if not enabled(notice.category, name, await choices_of(uow.session, notice.user_id)):
+            log.info("%s: %s is off for %s", notice.source, name, notice.category)
+            return False
+        await self._deliver(notice, channel, uow, await self._quiet_until(notice, uow))
+        return True
+
+    async def _quiet_until(self, notice: Notice, uow: UnitOfWork) -> datetime | None:
+        if self.holder is None or notice.urgent:  # urgent notices are never held
+            return None
+        return await self.holder.quiet_until(uow.session, notice.user_id)
+
+    async def _deliver(
+        self, notice: Notice, channel: Channel, uow: UnitOfWork, until: datetime | None
+    ) -> None:
+        if until is None or channel.name in SILENT or self.holder is None:
+            await channel.deliver(notice, uow)
+        elif uow.suppress_side_effects:  # the held delivery would send it
+            log.info("replayed delivery: %s %s not held", notice.source, channel.name)
+        else:
+            await self.holder.hold(notice, channel.name, until, uow)

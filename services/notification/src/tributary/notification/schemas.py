@@ -9,10 +9,19 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from tributary.notification.models import Notification
 from tributary.notification.preferences import Category, ChannelName, Source
+from tributary.notification.quiet_window import QuietWindow, parse_zone
 
 UserIdPath = Annotated[
     str, Path(pattern=r"^usr_[A-Za-z0-9]{8,40}$", description="The user (`usr_…`)")
@@ -74,19 +83,71 @@ class CategorySwitches(BaseModel):
     reports: ChannelSwitches | None = None
 
 
+CLOCK = r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$"
+
+
+class QuietHours(BaseModel):
+    """A daily window, on the clock of a time zone, in which notifications that are not urgent
+    wait (in-app ones are stored and streamed at once; email and webhooks wait for its end).
+    It may cross midnight (22:00 to 07:00); start and end must differ."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"start": "22:00", "end": "07:00", "time_zone": "Europe/Berlin"}]
+        },
+    )
+
+    start: StrictStr = Field(
+        pattern=CLOCK, description="When they begin: HH:MM (24-hour), or HH:MM:SS"
+    )
+    end: StrictStr = Field(pattern=CLOCK, description="When they end: HH:MM (24-hour), or HH:MM:SS")
+    time_zone: StrictStr = Field(
+        min_length=1, max_length=64, description="An IANA time zone: Europe/Berlin"
+    )
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        parse_zone(value)
+        return value
+
+    @model_validator(mode="after")
+    def _valid(self) -> QuietHours:
+        self.window()  # ValueError: start and end are the same time
+        return self
+
+    def window(self) -> QuietWindow:
+        return QuietWindow.parse(self.start, self.end, self.time_zone)
+
+    @classmethod
+    def of(cls, window: QuietWindow | None) -> QuietHours | None:
+        if window is None:
+            return None
+        start, end, zone = window.show()
+        return cls(start=start, end=end, time_zone=zone)
+
+
 class PreferencesUpdate(BaseModel):
-    """The user's choices; they replace the previous ones (what is left out: the default)."""
+    """The user's choices; they replace the previous ones (what is left out: the default, and
+    no quiet hours)."""
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"categories": {"mentions": {"email": False}, "reports": {"in_app": True}}}
+                {
+                    "categories": {"mentions": {"email": False}, "reports": {"in_app": True}},
+                    "quiet_hours": {"start": "22:00", "end": "07:00", "time_zone": "Europe/Berlin"},
+                }
             ]
         },
     )
 
     categories: CategorySwitches = Field(default_factory=CategorySwitches)
+    quiet_hours: QuietHours | None = Field(
+        default=None, description="Null or left out: no quiet hours"
+    )
 
 
 class PreferencesPublic(BaseModel):
@@ -97,7 +158,10 @@ class PreferencesPublic(BaseModel):
     sources: dict[Category, dict[ChannelName, Source]] = Field(
         description="The rule that decided each: critical > user > default"
     )
-    critical: list[Category] = Field(description="Categories that cannot be switched off")
+    critical: dict[Category, list[ChannelName]] = Field(
+        description="The channels of each category that cannot be switched off"
+    )
+    quiet_hours: QuietHours | None = Field(description="Null: none")
 
 
 # -- the cursor ----------------------------------------------------------------------------

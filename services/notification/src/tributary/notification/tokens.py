@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from tributary.notification.preferences import CATEGORIES, CRITICAL, Category
+from tributary.notification.preferences import CATEGORIES, Category, is_critical
 
 DEVELOPMENT_UNSUBSCRIBE_KEY = b"tributary-development-unsubscribe-key"
 """Used when ``NOTIFICATION_UNSUBSCRIBE_KEY`` is not set (a warning is logged): never in
@@ -120,7 +120,7 @@ def parse(token: str, *, key: bytes, now: float | None = None) -> Unsubscribe:
         )
     for known in CATEGORIES:  # narrows the type without a cast
         if known == category:
-            if known in CRITICAL:
+            if is_critical(known, "email"):  # none is now; kept should one ever be
                 raise CriticalCategory(
                     f"{known} notifications are critical: their email cannot be switched off"
                 )

@@ -8,10 +8,11 @@ credential) and the user's email for that category is off -- a choice like one m
 following the link, or a mail scanner that follows every link) changes nothing: it shows a
 page with a button that POSTs.
 
-Refused, each with its own status: a malformed token 400, a forged one (or one for another
-user or category: the signature covers both) 403, an expired one 410, one for a critical
-category 422 (``account`` mails carry no link), an erased user 404. POST answers problem
-details; GET answers an HTML page to a browser and problem details to anything else.
+Every category's email can be switched off (``account`` too: only its in-app notifications are
+critical). Refused, each with its own status: a malformed token 400, a forged one (or one for
+another user or category: the signature covers both) 403, an expired one 410, an erased user
+404 (and 422 for a category whose email were critical: none is). POST answers problem details;
+GET answers an HTML page to a browser and problem details to anything else.
 """
 
 from __future__ import annotations
