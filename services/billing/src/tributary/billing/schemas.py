@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ from tributary.billing.plans import Plan
 from tributary.billing.subscription import Status, Subscription
 
 UserId = Annotated[str, Field(pattern=r"^usr_[A-Za-z0-9]{8,40}$")]
+SUBSCRIPTION_ID = re.compile(r"sub_[A-Za-z0-9]{8,40}")
 
 
 class SubscriptionCreate(BaseModel):
@@ -129,6 +131,6 @@ def parse_cursor(cursor: str) -> tuple[datetime, str]:
         raise ValueError("not a cursor") from exc
     stamp, _, subscription_id = raw.partition("|")
     when = datetime.fromisoformat(stamp)
-    if when.tzinfo is None or not subscription_id.startswith("sub_"):
+    if when.tzinfo is None or not SUBSCRIPTION_ID.fullmatch(subscription_id):
         raise ValueError("not a cursor")
     return when, subscription_id
