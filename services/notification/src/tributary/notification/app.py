@@ -9,8 +9,11 @@ from fastapi import FastAPI
 from tributary.messaging.settings import MessagingSettings
 from tributary.notification import api, stream, unsubscribe, webhook_api
 from tributary.notification.channels import Dispatcher, Email, InApp, UnsubscribeLinks
+from tributary.notification.digest import Digests
 from tributary.notification.handlers import event_handlers
 from tributary.notification.jobs import Jobs
+from tributary.notification.metrics import NotificationMetrics
+from tributary.notification.quiet import QuietHours
 from tributary.notification.settings import Settings
 from tributary.notification.streams import Streams
 from tributary.notification.tokens import DEVELOPMENT_UNSUBSCRIBE_KEY
@@ -46,7 +49,14 @@ def create_app(
     jobs = Jobs()  # deferred work; each feature registers its job kinds here
     in_app = InApp(streams)
     webhooks = Webhooks(settings, jobs, in_app)  # registers the webhook_attempt job
-    dispatcher = Dispatcher([in_app, Email(links), webhooks.channel])
+    metrics = NotificationMetrics()
+    quiet = QuietHours(metrics)  # holds what arrives in quiet hours for every channel but in-app
+    digests = Digests(settings.digest_window_seconds, metrics)  # mentions' email, one per window
+    dispatcher = Dispatcher(
+        [in_app, Email(links), webhooks.channel], holder=quiet, collector=digests
+    )
+    jobs.register("deliver", quiet.job(dispatcher))
+    jobs.register("digest", digests.job(dispatcher))
 
     async def startup(stack: AsyncExitStack, app: FastAPI) -> None:
         streams.open()
@@ -62,7 +72,7 @@ def create_app(
             commands=jobs.command_handlers(),
             messaging=messaging,
             startup=startup,
-            collectors=[webhooks.metrics],
+            collectors=[webhooks.metrics, *metrics.collectors()],
             description=(
                 "Notifies users of what happened to them -- in-app (with a live stream) and by "
                 "email through the email.send command -- as their per-category preferences say."
@@ -72,6 +82,7 @@ def create_app(
     app.state.streams = streams
     app.state.jobs = jobs
     app.state.webhooks = webhooks
+    app.state.dispatcher = dispatcher
     app.state.notification_settings = settings
     app.state.unsubscribe_key = key
     return app

@@ -20,8 +20,9 @@ never reaches a page.
 The recipient directory (an address and a locale per user id, for email): ``user.created``
 (v1 is upcast to v2), ``user.email_changed`` (a change not later than the one kept is ignored)
 and ``user.erased``, which deletes everything the service holds about the user -- their
-notifications, deliveries, preferences, inbox head and address -- purges the outbox and the
-DLQ of them, and remembers the id so that late events about them store and send nothing.
+notifications, deliveries, preferences, inbox head and address, webhook endpoints, quiet hours,
+held deliveries and digests -- purges the outbox (scheduled jobs too) and the DLQ of them, and
+remembers the id so that late events about them store and send nothing.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from tributary.notification.models import (
     Notification,
     Preference,
 )
+from tributary.notification.quiet_models import forget as forget_quiet_hours_and_digests
 from tributary.notification.webhooks import erase_user as erase_webhooks
 
 log = logging.getLogger("tributary.notification")
@@ -191,6 +193,7 @@ async def on_user_erased(event: Event[UserErasedV1], uow: UnitOfWork) -> None:
     # the sweep first: it holds no database lock while the broker is read
     erased = await uow.erase_person(user_id, also=[a for a in addresses if len(a) >= MIN_LENGTH])
     removed = await erase_webhooks(uow.session, user_id)  # endpoints, deliveries, attempts
+    removed += await forget_quiet_hours_and_digests(uow.session, user_id)
     for table in (Notification, Delivery, Preference, InboxHead, Address):
         result = await uow.session.exec(delete(table).where(col(table.user_id) == user_id))
         removed += result.rowcount or 0
