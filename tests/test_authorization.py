@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import httpx
@@ -20,6 +21,10 @@ from fastapi import FastAPI
 
 from tributary.audit.app import create_app as audit_app
 from tributary.audit.settings import Settings as AuditSettings
+from tributary.billing import crypto
+from tributary.billing.app import create_app as billing_app
+from tributary.billing.settings import Settings as BillingSettings
+from tributary.billing.subscription import Subscription
 from tributary.email.app import create_app as email_app
 from tributary.email.settings import Settings as EmailSettings
 from tributary.identity.app import create_app as identity_app
@@ -34,6 +39,8 @@ from tributary.notification.webhooks import new_endpoint_id, new_message_id, new
 from tributary.onboarding.app import create_app as onboarding_app
 from tributary.onboarding.models import Workspace
 from tributary.onboarding.settings import Settings as OnboardingSettings
+from tributary.payment_provider.app import create_app as provider_app
+from tributary.payment_provider.testing import TEST_API_KEY, provider_settings, served
 from tributary.service.auth import ADMIN_SCOPES, SELF_SCOPES, rules_by_route
 from tributary.service.testing import TokenMinter, minter, running
 from tributary.testkit.infra import Found
@@ -59,7 +66,12 @@ another user's resource answers 404 as if absent; admin: admin scopes only."""
 class Call:
     """How to call a route for one caller: ``{owner}``, ``{key}``, ``{workspace}``,
     ``{unsubscribe}`` (an unsubscribe token of the owner's), ``{webhook}`` and ``{delivery}``
-    (a webhook endpoint of the owner's and a delivery of it) filled in."""
+    (a webhook endpoint of the owner's and a delivery of it), ``{subscription}`` (a
+    subscription of the owner's, not paid) filled in.
+
+    The payment provider (services/payment-provider) is not in the matrix: it stands in for an
+    external system and authenticates merchants by its own API keys, not identity's tokens
+    (its routes are tested in its package's test_auth.py)."""
 
     kind: Kind
     path: str
@@ -173,8 +185,24 @@ ROUTES: dict[tuple[str, str, str], Call] = {
         "POST",
         "/users/{user_id}/webhooks/{webhook_id}/deliveries/{delivery_id}/resend",
     ): Call("self", "/users/{owner}/webhooks/{webhook}/deliveries/{delivery}/resend", 202),
+    # billing: {subscription} is a subscription of the owner's (requested, not paid)
+    ("billing", "POST", "/subscriptions"): Call(
+        "self", "/subscriptions", 201, json={"plan": "starter", "user_id": "{owner}"}
+    ),
+    ("billing", "GET", "/subscriptions"): Call(
+        "self", "/subscriptions", 200, params={"user_id": "{owner}"}
+    ),
+    ("billing", "GET", "/subscriptions/{subscription_id}"): Call(
+        "self_hidden", "/subscriptions/{subscription}", 200
+    ),
+    ("billing", "POST", "/subscriptions/{subscription_id}/cancel"): Call(
+        "self_hidden", "/subscriptions/{subscription}/cancel", 200
+    ),
+    ("billing", "GET", "/revenue"): Call("admin", "/revenue", 200),
+    # the provider's signature is the credential: unsigned, 401 whatever token comes along
+    ("billing", "POST", "/webhooks/payments"): Call("public", "/webhooks/payments", 401, json={}),
 }
-for _service in ("identity", "onboarding", "email", "audit", "notification"):
+for _service in ("identity", "onboarding", "email", "audit", "notification", "billing"):
     ROUTES[(_service, "GET", "/health/live")] = Call("public", "/health/live", 200)
     ROUTES[(_service, "GET", "/health/ready")] = Call("public", "/health/ready", 200)
     ROUTES[(_service, "GET", "/metrics")] = Call("public", "/metrics", 200)
@@ -203,7 +231,9 @@ class Services:
     """Sending only the headers a test gives."""
 
 
-def _apps(messaging: dict[str, MessagingSettings], db: dict[str, str]) -> dict[str, FastAPI]:
+def _apps(
+    messaging: dict[str, MessagingSettings], db: dict[str, str], provider_url: str
+) -> dict[str, FastAPI]:
     return {
         "identity": identity_app(IdentitySettings(database_url=db["i"], port=0), messaging["i"]),
         "onboarding": onboarding_app(
@@ -233,6 +263,17 @@ def _apps(messaging: dict[str, MessagingSettings], db: dict[str, str]) -> dict[s
             ),
             messaging["n"],
         ),
+        "billing": billing_app(
+            BillingSettings.model_validate(
+                {
+                    "BILLING_DATABASE_URL": db["b"],
+                    "BILLING_PORT": 0,
+                    "BILLING_PROVIDER_URL": provider_url,
+                    "BILLING_PROVIDER_API_KEY": TEST_API_KEY,
+                }
+            ),
+            messaging["b"],
+        ),
     }
 
 
@@ -242,14 +283,18 @@ async def services(
 ) -> AsyncIterator[Services]:
     workdir = tmp_path_factory.mktemp("authz")
     # each service on a bus of its own: no event crosses over, the test makes what it needs
-    messaging = {n: isolated_settings(rabbitmq.url) for n in ("i", "o", "e", "a", "n")}
-    db = {n: f"sqlite+aiosqlite:///{workdir / n}.db" for n in ("i", "o", "e", "a", "n")}
+    messaging = {n: isolated_settings(rabbitmq.url) for n in ("i", "o", "e", "a", "n", "b")}
+    db = {n: f"sqlite+aiosqlite:///{workdir / n}.db" for n in ("i", "o", "e", "a", "n", "b", "p")}
+    # billing makes checkouts at a real payment provider (its app behind uvicorn)
+    provider_port = free_port()
+    provider = provider_app(provider_settings(db["p"], None))
     with pytest.MonkeyPatch.context() as env:  # one test address signs up many users
         for name in ("SIGNUP", "TOKEN", "WRITES"):
             env.setenv(f"TRIBUTARY_RATE_{name}", "100000/minute")
-        apps = _apps(messaging, db)
+        apps = _apps(messaging, db, f"http://127.0.0.1:{provider_port}")
     try:
         async with AsyncExitStack() as stack:
+            await stack.enter_async_context(served(provider, port=provider_port))
             clients = {
                 name: await stack.enter_async_context(running(app)) for name, app in apps.items()
             }
@@ -312,6 +357,7 @@ async def _resources(services: Services, n: int) -> dict[str, str]:
         session.add(workspace)
         await session.commit()
     webhook, delivery = await _webhook(services, user["id"])
+    subscription = await _subscription(services, user["id"])
     unsubscribe = unsubscribe_tokens.mint(
         user["id"],
         "mentions",
@@ -325,7 +371,24 @@ async def _resources(services: Services, n: int) -> dict[str, str]:
         "unsubscribe": unsubscribe,
         "webhook": webhook,
         "delivery": delivery,
+        "subscription": subscription,
     }
+
+
+async def _subscription(services: Services, owner: str) -> str:
+    """A subscription of ``owner``'s, requested and not paid (no checkout: none is needed)."""
+    app = services.apps["billing"]
+    billing = app.state.billing
+    key = await crypto.ensure_key(app.state.sessions, owner)
+    subscription = Subscription(f"sub_{time.time_ns()}")
+    async with app.state.bus.unit_of_work() as uow:
+        sealed = crypto.seal(key, owner, crypto.aad(subscription.id, "user"))
+        decided = subscription.request(
+            user=sealed, plan="starter", amount_cents=900, currency="EUR", at=datetime.now(UTC)
+        )
+        await billing.save(uow, subscription, decided)
+        await uow.commit()
+    return subscription.id
 
 
 async def _webhook(services: Services, owner: str) -> tuple[str, str]:
