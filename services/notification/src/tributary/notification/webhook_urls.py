@@ -7,9 +7,10 @@ own database, the cloud's metadata service, an admin console on the private netw
   without credentials or fragment, at most 2048 characters;
 * its host is **resolved**, and refused when **any** address is private, loopback,
   link-local, multicast, reserved, unspecified or otherwise not global (``ipaddress``'s
-  properties; an IPv4 address inside IPv6 -- mapped, 6to4, Teredo -- is judged as that IPv4
-  address), unless the settings allow it: ``NOTIFICATION_WEBHOOK_ALLOW_LOOPBACK`` (development
-  and tests) or ``NOTIFICATION_WEBHOOK_ALLOWED_NETWORKS`` (CIDRs);
+  properties), unless the settings allow it: ``NOTIFICATION_WEBHOOK_ALLOW_LOOPBACK``
+  (development and tests) or ``NOTIFICATION_WEBHOOK_ALLOWED_NETWORKS`` (CIDRs). An IPv4-mapped
+  IPv6 address is judged as the IPv4 address it is; a 6to4 or Teredo address is refused when
+  the IPv4 address it carries is not public, whatever the settings allow;
 * at registration a refusal is a 422 naming the reason; at delivery the host is resolved
   again and the attempt fails as ``forbidden_address`` without a connection: a name that
   pointed somewhere public when registered and points inside now (DNS rebinding) is caught;
@@ -75,8 +76,8 @@ class Policy:
             return None
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             return self.refusal(address.ipv4_mapped)  # the same address, written as IPv6
-        for inner in _embedded(address):  # 6to4, Teredo: where it really leads counts too
-            why = self.refusal(inner)
+        for inner in _embedded(address):  # 6to4, Teredo: where it really leads counts too,
+            why = _STRICT._judge(inner)  # with no exception (they are for the address itself)
             if why is not None:
                 return why
         return self._judge(address)
@@ -92,10 +93,17 @@ class Policy:
         return None
 
     def allows_plain_http(self, addresses: Iterable[IPAddress]) -> bool:
-        return self.allow_loopback and all(
-            address.is_loopback or any(inner.is_loopback for inner in _embedded(address))
-            for address in addresses
-        )
+        return self.allow_loopback and all(_unmapped(a).is_loopback for a in addresses)
+
+
+_STRICT = Policy()
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address as the IPv4 address it is."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _embedded(address: IPAddress) -> list[ipaddress.IPv4Address]:
