@@ -19,7 +19,8 @@ one after the other whatever the replicas and consumers: two mentions arriving a
 transactions cannot open two digests (the partial unique index ``uq_digests_open`` would refuse
 the second anyway), and a mention arriving while a digest is being closed waits, then opens the
 next digest. A restart in the window loses nothing: the digest, its items and the scheduled job
-are rows in the database.
+are rows in the database. A digest whose job was lost (dead-lettered) is closed when the next
+mention finds it overdue.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ CATEGORY: Category = "mentions"
 CHANNEL: ChannelName = "email"
 TEXT_LIMIT = 2000
 """What ``email.send`` takes in one variable: the list stops short of it."""
+OVERDUE = timedelta(minutes=5)
+"""A digest still open this long after its window ended lost its job (dead-lettered, say): the
+next mention schedules it again, at once."""
 
 
 def new_digest_id() -> str:
@@ -133,6 +137,10 @@ class Digests:
             await session.flush()
             Jobs.schedule(uow, JOB, digest.id, at=digest.closes_at, user_id=notice.user_id)
             log.info("digest %s opened until %s", digest.id, digest.closes_at)
+        elif digest.closes_at + OVERDUE < now():  # its job is lost: once more (it closes once)
+            again = f"{JOB}:{digest.id}:{uuid.uuid4().hex[:12]}"
+            Jobs.schedule(uow, JOB, digest.id, at=None, user_id=notice.user_id, key=again)
+            log.warning("digest %s is overdue: its job is scheduled again", digest.id)
         session.add(
             DigestItem(
                 user_id=notice.user_id,
