@@ -50,10 +50,16 @@ JOB = "deliver"
 
 
 def window_of(row: QuietHoursRow | None) -> QuietWindow | None:
-    """The stored window (a row written through the API is always valid)."""
+    """The stored window. A row the API wrote is valid; a zone this host's time-zone database
+    lacks (an older one than the replica's that stored it) counts as no quiet hours, with a
+    warning, rather than failing every notification of the user."""
     if row is None:
         return None
-    return QuietWindow.parse(row.start, row.end, row.time_zone)
+    try:
+        return QuietWindow.parse(row.start, row.end, row.time_zone)
+    except ValueError:
+        log.warning("quiet hours of %s are not readable here: not applied", row.user_id)
+        return None
 
 
 async def window_for(session: AsyncSession, user_id: str) -> QuietWindow | None:
