@@ -21,6 +21,8 @@ class Mailbox:
         self.defer = defer
         self.rcpt_attempts = 0
         self.messages: list[EmailMessage] = []
+        self.raw: list[bytes] = []
+        """Each message as it arrived on the wire."""
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
@@ -34,6 +36,7 @@ class Mailbox:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.raw.append(envelope.content)
         self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
         return "250 2.0.0 accepted"
 

@@ -13,7 +13,7 @@ from tributary.email.mailer import (
     classify,
 )
 
-from .smtp_server import free_port
+from .smtp_server import Mailbox, free_port, smtp_server
 
 
 def refused(code: int) -> aiosmtplib.SMTPRecipientsRefused:
@@ -73,3 +73,23 @@ async def test_a_server_that_is_not_listening_is_a_transient_failure() -> None:
 
     with pytest.raises(TransientSmtpError):
         await Mailer("127.0.0.1", free_port(), timeout=5).send(message)
+
+
+async def test_a_long_list_unsubscribe_url_reaches_the_server_as_written() -> None:
+    """aiosmtplib's own flattening (policy.SMTP, 78 columns) turned a long one-click URL into
+    RFC 2047 encoded-words; mail clients need the URL itself between angle brackets."""
+    url = "https://notify.example.com/unsubscribe?token=u1." + "A" * 120 + ".sig_0123456789"
+    message = EmailMessage()
+    message["From"] = "Tributary <no-reply@tributary.dev>"
+    message["To"] = "ada@example.com"
+    message["Subject"] = "Your report is ready"
+    message["List-Unsubscribe"] = f"<{url}>"
+    message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    message.set_content("hello")
+    mailbox = Mailbox()
+    async with smtp_server(mailbox) as port:
+        await Mailer("127.0.0.1", port, timeout=5).send(message)
+
+    (raw,) = mailbox.raw
+    assert f"\r\nList-Unsubscribe: <{url}>\r\n".encode() in raw
+    assert b"\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in raw

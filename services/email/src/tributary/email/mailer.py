@@ -9,7 +9,9 @@ connection, and ends in the DLQ (to be replayed once fixed) rather than writing 
 
 from __future__ import annotations
 
+import email.policy
 from email.message import EmailMessage
+from email.utils import getaddresses
 from typing import Protocol
 
 import aiosmtplib
@@ -61,6 +63,10 @@ def classify(exc: Exception) -> SmtpError:
     return TransientSmtpError(f"{type(exc).__name__}: {exc}")
 
 
+WIRE = email.policy.SMTP.clone(max_line_length=998)
+"""CRLF, folded only past RFC 5322's 998-character line limit: header values stay as written."""
+
+
 class Mailer:
     """Sends through the SMTP server in the settings; raises :class:`SmtpError` subclasses."""
 
@@ -71,6 +77,18 @@ class Mailer:
 
     async def send(self, message: EmailMessage) -> None:
         try:
-            await aiosmtplib.send(message, hostname=self.host, port=self.port, timeout=self.timeout)
+            # flattened here, not by aiosmtplib (policy.SMTP folds at 78 and turns a long URL
+            # in List-Unsubscribe into RFC 2047 encoded-words no mail client reads as a URL)
+            raw = message.as_bytes(policy=WIRE)
+            sender = getaddresses([str(message["From"])])[0][1]
+            recipients = [address for _, address in getaddresses([str(message["To"])])]
+            await aiosmtplib.send(
+                raw,
+                sender=sender,
+                recipients=recipients,
+                hostname=self.host,
+                port=self.port,
+                timeout=self.timeout,
+            )
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
             raise classify(exc) from exc
