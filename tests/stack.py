@@ -203,7 +203,7 @@ class Stack:
                 # webhook receivers and retry schedules of a test, digest windows in seconds
                 NOTIFICATION_WEBHOOK_ALLOW_LOOPBACK="true",
                 NOTIFICATION_WEBHOOK_RETRY_SCHEDULE="[0, 1, 2, 4]",
-                NOTIFICATION_DIGEST_WINDOW_SECONDS="3",
+                NOTIFICATION_DIGEST_WINDOW_SECONDS="12",
             )
         if self.otlp is not None:
             values.update(

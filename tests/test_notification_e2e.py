@@ -6,16 +6,19 @@ one-click unsubscribe, foreign events deduplicated, signed webhooks, quiet hours
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tributary.contracts.envelope import new_event
 from tributary.contracts.events import CommentMentionedV1, ReportReadyV1, WorkspaceCreatedV1
@@ -96,7 +99,7 @@ def report_ready(user_id: str) -> Any:
             report_id=report_id,
             user_id=user_id,
             report_name="Quarterly numbers",
-            url="https://reports.example.com/r/1",
+            url=f"https://reports.example.com/r/{report_id}",
             ready_at=datetime.now(UTC),
         ),
     )
@@ -115,7 +118,7 @@ def mention(user_id: str, comment: str | None = None) -> Any:
             author_user_id="usr_author0123456789",
             mentioned_user_id=user_id,
             excerpt="@nia have a look",
-            url="https://comments.example.com/c/1",
+            url=f"https://comments.example.com/c/{comment_id}",
             mentioned_at=datetime.now(UTC),
         ),
     )
@@ -194,3 +197,129 @@ def test_the_stream_resumes_after_the_last_event_id(five: Stack, tmp_path: Path)
     shown = asyncio.run(after_first())
     assert shown["category"] == "reports"
     assert shown["id"] > first
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 that verifies every request with ``standardwebhooks``
+    and answers the scripted statuses in turn (then 200)."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.script = list(statuses)
+        self.secret = ""
+        self.received: list[tuple[dict[str, str], bytes, bool, int]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                try:
+                    Webhook(receiver.secret).verify(body, headers)
+                    verified = True
+                except WebhookVerificationError:
+                    verified = False
+                status = receiver.script.pop(0) if receiver.script else 200
+                receiver.received.append((headers, body, verified, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_webhook_is_signed_retried_after_a_500_and_delivered_once(five: Stack) -> None:
+    stack = five
+    user_id, _ = sign_up(stack)
+    with Receiver(500) as hook:
+        with stack.client("notification") as client:
+            answer = client.post(
+                f"/users/{user_id}/webhooks", json={"url": hook.url, "categories": ["reports"]}
+            )
+        assert answer.status_code == 201, answer.text
+        hook.secret = answer.json()["secret"]
+        event = report_ready(user_id)
+        stack.publish("report.ready.v1", event.to_bytes(), times=3)  # redelivered: one delivery
+        wait_until(lambda: [r for r in hook.received if r[3] == 200], what="the retried delivery")
+        barrier = report_ready(user_id)
+        stack.publish("report.ready.v1", barrier.to_bytes())
+        wait_until(lambda: len({r[0]["webhook-id"] for r in hook.received}) == 2, what="barrier")
+
+    assert all(verified for _, _, verified, _ in hook.received)
+    first = [r for r in hook.received if event.data.url.encode() in r[1]]
+    assert [status for *_, status in first] == [500, 200]  # retried once, then delivered
+    assert len({headers["webhook-id"] for headers, *_ in first}) == 1  # the same message
+
+
+def _utc_clock(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%H:%M:%S")
+
+
+def test_quiet_hours_hold_mail_until_they_end_across_a_restart(five: Stack) -> None:
+    stack = five
+    user_id, address = sign_up(stack)
+    wait_until(lambda: notification_mails(stack, address), what="the workspace mail")
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    end = (datetime.now(UTC) + timedelta(seconds=12)).replace(microsecond=0)
+    quiet = {"start": _utc_clock(start), "end": _utc_clock(end), "time_zone": "UTC"}
+    with stack.client("notification") as client:
+        answer = client.put(f"/users/{user_id}/preferences", json={"quiet_hours": quiet})
+    assert answer.status_code == 200, answer.text
+
+    stack.publish("report.ready.v1", report_ready(user_id).to_bytes())
+    wait_until(  # in-app at once: it is silent
+        lambda: any(n["category"] == "reports" for n in notifications(stack, user_id)),
+        what="the in-app notification",
+    )
+    stack.services["notification"].stop()  # the held mail and its job survive a restart
+    stack.restart("notification")
+    assert datetime.now(UTC) < end, "the restart outlasted the quiet hours: widen the window"
+    assert len(notification_mails(stack, address)) == 1  # only the workspace mail so far
+    wait_until(
+        lambda: len(notification_mails(stack, address)) == 2, timeout=60, what="the held mail"
+    )
+    assert datetime.now(UTC) >= end
+    assert len(notification_mails(stack, address)) == 2
+
+
+def test_twenty_mentions_with_a_kill_in_the_window_make_one_digest_listing_all(
+    five: Stack,
+) -> None:
+    stack = five
+    user_id, address = sign_up(stack)
+    wait_until(lambda: notification_mails(stack, address), what="the workspace mail")
+    mentions = [mention(user_id) for _ in range(20)]
+    for event in mentions[:10]:
+        stack.publish("comment.mentioned.v1", event.to_bytes())
+    wait_until(
+        lambda: len(notifications(stack, user_id, unread="true")) >= 11,
+        what="the first ten mentions in-app",
+    )
+    stack.services["notification"].kill()  # SIGKILL in the middle of the digest window
+    for event in mentions[10:]:
+        stack.publish("comment.mentioned.v1", event.to_bytes(), times=2)  # and redelivered
+    stack.restart("notification")
+
+    def digests() -> list[Message]:
+        return [m for m in notification_mails(stack, address) if "mentioned" in str(m["Subject"])]
+
+    wait_until(digests, timeout=60, what="the digest mail")
+    mentioned = [n for n in notifications(stack, user_id) if n["category"] == "mentions"]
+    assert len(mentioned) == 20
+    (digest,) = digests()
+    assert str(digest["Subject"]) == "You were mentioned in 20 comments"
+    text = digest.get_payload(decode=True).decode()
+    for event in mentions:
+        assert event.data.url in text
