@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Field, SQLModel
 
 from tributary.messaging.db import create_engine, create_runtime_tables
-from tributary.testkit.infra import Found, create_postgres_database, drop_postgres_database
+from tributary.testkit.infra import Found, fresh_database
 
 
 class Thing(SQLModel, table=True):
@@ -26,14 +25,8 @@ class Thing(SQLModel, table=True):
 @pytest.fixture(params=["sqlite", "postgres"])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh, empty database: an SQLite file, or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
-        return
-    server: Found = request.getfixturevalue("postgres")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    url = await create_postgres_database(server.url, name)
-    yield url
-    await drop_postgres_database(server.url, name)
+    async with fresh_database(request, request.param, tmp_path, "test") as url:
+        yield url
 
 
 async def prepared_engine(database_url: str) -> AsyncEngine:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from tributary.billing.app import create_app
 from tributary.messaging.db import create_engine, session_factory
 from tributary.service.migrations import upgrade
-from tributary.testkit.infra import Found, create_postgres_database, drop_postgres_database
+from tributary.testkit.infra import fresh_database
 
 MIGRATIONS = Path(create_app.__code__.co_filename).parent / "migrations"
 
@@ -21,16 +20,8 @@ MIGRATIONS = Path(create_app.__code__.co_filename).parent / "migrations"
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh, empty database: an SQLite file or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}"
-        return
-    server: Found = request.getfixturevalue("postgres")
-    name = f"t_billing_{uuid.uuid4().hex[:12]}"
-    url = await create_postgres_database(server.url, name)
-    try:
+    async with fresh_database(request, request.param, tmp_path, "billing") as url:
         yield url
-    finally:
-        await drop_postgres_database(server.url, name)
 
 
 @pytest.fixture

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tributary.payment_provider.testing import WebhookReceiver, served
-from tributary.testkit.infra import Found, create_postgres_database, drop_postgres_database
+from tributary.testkit.infra import fresh_database
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A fresh, empty database: an SQLite file or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'provider.db'}"
-        return
-    server: Found = request.getfixturevalue("postgres")
-    name = f"t_provider_{uuid.uuid4().hex[:12]}"
-    url = await create_postgres_database(server.url, name)
-    try:
+    async with fresh_database(request, request.param, tmp_path, "provider") as url:
         yield url
-    finally:
-        await drop_postgres_database(server.url, name)
 
 
 @pytest.fixture

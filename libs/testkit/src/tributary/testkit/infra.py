@@ -12,8 +12,11 @@ import shutil
 import socket
 import subprocess
 import time
-from contextlib import ExitStack
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -135,3 +138,22 @@ async def drop_postgres_database(server_url: str, name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@asynccontextmanager
+async def fresh_database(
+    request: Any, kind: str, directory: Path, label: str = "test"
+) -> AsyncIterator[str]:
+    """A fresh, empty database for one test: an SQLite file ``<label>.db`` in ``directory``, or
+    a new PostgreSQL database on the session's server (the ``postgres`` fixture, asked of
+    ``request``), dropped afterwards. ``kind`` is ``sqlite`` or ``postgres``/``postgresql``."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{directory / (label + '.db')}"
+        return
+    server: Found = request.getfixturevalue("postgres")
+    name = f"t_{label.replace('-', '_')}_{uuid.uuid4().hex[:12]}"
+    url = await create_postgres_database(server.url, name)
+    try:
+        yield url
+    finally:
+        await drop_postgres_database(server.url, name)
