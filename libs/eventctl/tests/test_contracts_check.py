@@ -198,9 +198,12 @@ def test_a_change_of_senders_needs_review_and_fails_only_when_asked(
 ) -> None:
     catalog = repo / "contracts" / "catalog.yaml"
     text = catalog.read_text(encoding="utf-8")
-    assert "senders: [notification]" in text
+    email_send = (
+        "  email.send:\n    kind: command\n    owner: notification\n    senders: [notification]"
+    )
+    assert email_send in text
     catalog.write_text(
-        text.replace("senders: [notification]", "senders: [notification, identity]"),
+        text.replace(email_send, email_send.replace("[notification]", "[notification, identity]")),
         encoding="utf-8",
     )
 
