@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tributary.payment_provider.app import create_app
 from tributary.payment_provider.settings import Settings
+from tributary.testkit.waiting import eventually
 
 
 def free_port() -> int:
@@ -45,14 +45,14 @@ async def served(app: Any, *, port: int | None = None, **options: Any) -> AsyncI
     task = asyncio.create_task(server.serve())
 
     try:
-        deadline = time.monotonic() + 30
-        while not server.started:
+
+        async def listening() -> bool:
             if task.done():
                 task.result()  # raises what stopped it
                 raise RuntimeError("uvicorn stopped before it listened")
-            if time.monotonic() > deadline:
-                raise TimeoutError("uvicorn did not listen within 30 s")
-            await asyncio.sleep(0.02)
+            return bool(server.started)
+
+        await eventually(listening, timeout=30, what="uvicorn listening")
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
