@@ -7,6 +7,7 @@ import contextlib
 import importlib.metadata
 import os
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -15,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aio_pika
 from aio_pika.abc import AbstractExchange
@@ -30,7 +31,11 @@ from tributary.messaging.db import create_engine, create_runtime_tables
 from tributary.messaging.publisher import event_message
 from tributary.testkit.infra import create_postgres_database, drop_postgres_database
 
+if TYPE_CHECKING:
+    from tests.stack import MailSink
+
 DbKind = Literal["sqlite", "postgres"]
+DB_LABEL: dict[DbKind, str] = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 ROUTING_KEY = "user.created.v2"
 
 
@@ -108,6 +113,78 @@ class Measured:
         return Measured(self.count + other.count, self.seconds + other.seconds)
 
 
+@dataclass
+class Sample:
+    """Units of work done in a window (or several rounds of it): wall seconds and CPU seconds
+    of this process (every thread), the broker and the database server."""
+
+    count: int
+    seconds: float
+    cpu: float
+    broker: float = 0.0
+    database: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    rounds: int = 1
+
+    @property
+    def rate(self) -> float:
+        return Measured(self.count, self.seconds).rate
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
+
+    def ms(self, seconds: float) -> float:
+        """``seconds`` per unit of work, in milliseconds."""
+        return seconds / self.count * 1000 if self.count else float("nan")
+
+    def us(self, seconds: float) -> float:
+        """``seconds`` per unit of work, in microseconds."""
+        return seconds / self.count * 1e6 if self.count else float("nan")
+
+    def __add__(self, other: Sample) -> Sample:
+        return Sample(
+            self.count + other.count,
+            self.seconds + other.seconds,
+            self.cpu + other.cpu,
+            self.broker + other.broker,
+            self.database + other.database,
+            self.problems + other.problems,
+            self.rounds + other.rounds,
+        )
+
+
+class Window:
+    """Wall time and CPU (this process; the broker and the PostgreSQL server when asked) over
+    a window of work."""
+
+    def __init__(self, *, database: bool, broker: bool = True) -> None:
+        self.database = database
+        self.broker = broker
+        # the other processes first: reading /proc is not part of the window
+        self.beam = cpu_by_pid("beam.smp") if broker else {}
+        self.db = cpu_by_pid("postgres") if database else {}
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def close(self, count: int) -> Sample:
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        beam = cpu_between(self.beam, cpu_by_pid("beam.smp")) if self.broker else 0.0
+        db = cpu_between(self.db, cpu_by_pid("postgres")) if self.database else 0.0
+        return Sample(count, wall, cpu, beam, db)
+
+
+def database_kinds(value: str) -> list[DbKind]:
+    """``--db sqlite,postgres`` as a list; a name not known ends the run with the reason."""
+    kinds: list[DbKind] = []
+    for name in value.split(","):
+        kind = next((k for k in DB_LABEL if k == name), None)
+        if kind is None:
+            raise SystemExit(f"--db: {name!r} is not one of {', '.join(DB_LABEL)}")
+        kinds.append(kind)
+    return kinds
+
+
 def rss_kib() -> int:
     """Resident set size of this process (``VmRSS`` in /proc/self/status), KiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -123,14 +200,6 @@ def percentile(values: Sequence[float], p: float) -> float:
         return float("nan")
     rank = max(1, round(p / 100 * len(ordered) + 0.5 - 1e-9))
     return ordered[min(rank, len(ordered)) - 1]
-
-
-async def wait_until(predicate: Any, *, timeout: float, what: str, poll: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(poll)
 
 
 # -- events --------------------------------------------------------------------------------
@@ -277,6 +346,71 @@ async def rabbitmq_version(url: str) -> str:
         await connection.close()
 
 
+# -- an SMTP sink in a child process ---------------------------------------------------------
+
+
+class SinkProcess:
+    """``tests.stack.MailSink`` in a child process (``python -m <module> --smtp-child``, whose
+    side is :func:`serve_sink`): a real SMTP server is not in the client's process, and here
+    it must not share the load generator's GIL. The child prints ``port N`` once, then a line
+    per mail it accepts; each of those lines goes to :meth:`on_line`."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+        self.port = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    def on_line(self, line: str) -> None:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            self.module,
+            "--smtp-child",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self.process.stdout is not None
+        self.port = int((await self.process.stdout.readline()).split()[1])
+        self._reader = asyncio.create_task(self._read(self.process.stdout))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            self.on_line(line.decode())
+
+    async def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), 20)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+        if self._reader is not None:
+            await self._reader
+
+
+def serve_sink(sink: MailSink) -> None:
+    """The child's side of :class:`SinkProcess`: start ``sink``, say its port, and serve until
+    the parent closes this process's stdin."""
+    sink.start()
+    print(f"port {sink.port}", flush=True)
+    try:
+        sys.stdin.read()  # until the parent closes it
+    finally:
+        sink.stop()
+
+
 # -- databases -----------------------------------------------------------------------------
 
 
@@ -337,30 +471,6 @@ async def count_rows(engine: AsyncEngine, sql: str) -> int:
 async def postgres_version(engine: AsyncEngine) -> str:
     async with engine.connect() as conn:
         return str((await conn.execute(text("SHOW server_version"))).scalar_one())
-
-
-@dataclass
-class Row:
-    figure: str
-    value: str
-    baseline: str = "—"
-    ratio: str = "—"
-    target: str = "—"
-    met: bool | None = None
-
-    @property
-    def verdict(self) -> str:
-        return {True: "met", False: "**missed**", None: "—"}[self.met]
-
-
-def results_table(rows: Sequence[Row]) -> str:
-    """The Markdown table RESULTS.md shows: figure, value, baseline, ratio, target, result."""
-    head = ["figure", "value", "baseline", "ratio", "target", "result"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row.figure, row.value, row.baseline, row.ratio, row.target, row.verdict]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # -- other processes' CPU ------------------------------------------------------------------
@@ -434,7 +544,12 @@ def run_stamp() -> str:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+        # the results file itself is written by the run: not a change of the code measured
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".", ":(exclude)bench/RESULTS.md"],
+            capture_output=True,
+            text=True,
+        )
         if dirty.stdout.strip():
             commit += " (with uncommitted changes)"
     except (OSError, subprocess.CalledProcessError):

@@ -46,7 +46,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,25 +59,23 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 
 from bench.common import (
+    DB_LABEL,
     Clock,
     Databases,
     DbKind,
     Events,
-    Measured,
-    Row,
-    cpu_between,
-    cpu_by_pid,
+    Sample,
+    Window,
+    database_kinds,
     databases,
     delete_queues,
     package_version,
     postgres_version,
     prefill,
     rabbitmq_version,
-    results_table,
     run_stamp,
-    wait_until,
-    write_section,
 )
+from bench.report import Row, bench_parser, print_section, results_table
 from tributary.contracts.envelope import new_event
 from tributary.contracts.events import ReportReadyV1
 from tributary.messaging.db import OutboxRow, create_engine, session_factory
@@ -89,6 +87,7 @@ from tributary.notification.models import Address, Delivery, Notification
 from tributary.notification.settings import Settings
 from tributary.service.migrations import upgrade
 from tributary.testkit.infra import find_postgres, find_rabbitmq
+from tributary.testkit.waiting import eventually
 
 SERVICE = "notification"
 EVENT_KEY = "report.ready.v1"
@@ -96,7 +95,7 @@ COMMAND_KEY = "email.send.v1"
 COMMAND_BINDING = "email.send.#"
 MIGRATIONS = Path(create_app.__code__.co_filename).parent / "migrations"
 MARKER = "notification-bench"
-LABEL: dict[DbKind, str] = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+LABEL = DB_LABEL
 POLL_SECONDS = 0.01
 WARM_UP = 200
 
@@ -172,67 +171,15 @@ class Command:
 # -- measuring ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Sample:
-    """One contender's round(s): notifications, wall seconds and CPU seconds per process."""
-
-    count: int
-    seconds: float
-    cpu: float
-    """This process: the service (or the raw client), every thread."""
-    broker: float
-    database: float
-    problems: list[str] = field(default_factory=list)
-    rounds: int = 1
-
-    @property
-    def rate(self) -> float:
-        return Measured(self.count, self.seconds).rate
-
-    def ms(self, seconds: float) -> float:
-        return seconds / self.count * 1000 if self.count else float("nan")
-
-    @property
-    def valid(self) -> bool:
-        return not self.problems
-
-    def __add__(self, other: Sample) -> Sample:
-        return Sample(
-            self.count + other.count,
-            self.seconds + other.seconds,
-            self.cpu + other.cpu,
-            self.broker + other.broker,
-            self.database + other.database,
-            self.problems + other.problems,
-            self.rounds + other.rounds,
-        )
-
-
-class Window:
-    """Wall time and CPU (this process, the broker, the database server) over a window."""
-
-    def __init__(self, database: bool) -> None:
-        self.database = database
-        # the other processes first: reading /proc is not part of the window
-        self.broker = cpu_by_pid("beam.smp")
-        self.db = cpu_by_pid("postgres") if database else {}
-        self.wall = time.perf_counter()
-        self.cpu = time.process_time()
-
-    def close(self, count: int) -> Sample:
-        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-        broker = cpu_between(self.broker, cpu_by_pid("beam.smp"))
-        db = cpu_between(self.db, cpu_by_pid("postgres")) if self.database else 0.0
-        return Sample(count, wall, cpu, broker, db)
-
-
 class Probe:
-    """A quorum queue bound to ``email.send.#``: what the email service would receive."""
+    """A quorum queue bound to ``binding`` (``email.send.#``: what the email service would
+    receive)."""
 
-    def __init__(self, url: str, names: Names) -> None:
+    def __init__(self, url: str, names: Names, binding: str = COMMAND_BINDING) -> None:
         self.url = url
         self.names = names
-        self.queue = f"{names.prefix}probe.email.send"
+        self.binding = binding
+        self.queue = f"{names.prefix}probe.{binding.rstrip('.#')}"
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
 
@@ -242,7 +189,7 @@ class Probe:
             await declare_exchanges(connection, self.names)
             channel = await connection.channel()
             queue = await channel.declare_queue(self.queue, durable=True, arguments=dict(QUORUM))
-            await queue.bind(self.names.exchange, COMMAND_BINDING)
+            await queue.bind(self.names.exchange, self.binding)
         finally:
             await connection.close()
         # a plain (not robust) connection: each passive declare asks the broker
@@ -260,7 +207,7 @@ class Probe:
         async def done() -> bool:
             return await self.depth() >= n and also()  # one poll per tick, on both sides
 
-        await wait_until(done, timeout=timeout, what=what, poll=POLL_SECONDS)
+        await eventually(done, timeout=timeout, what=what, poll=POLL_SECONDS)
 
     async def drain(self, expected: int) -> tuple[list[AbstractIncomingMessage], int]:
         """Every message in the queue (and how many there were), taken off it."""
@@ -300,32 +247,36 @@ def duplicates(messages: Iterable[AbstractIncomingMessage]) -> int:
 # -- the two contenders ------------------------------------------------------------------------
 
 
-class Bench:
+class ServiceBench:
+    """A service's app against the raw broker: fresh names, a pre-filled work queue, a probe
+    queue bound to what the service publishes, and everything deleted afterwards."""
+
+    service_name = SERVICE
+    binding = COMMAND_BINDING
+    prefix = "nbench"
+
     def __init__(self, url: str, dbs: Databases) -> None:
         self.url = url
         self.dbs = dbs
-        self.command: Command | None = None
 
     def settings(self) -> MessagingSettings:
         """The runtime's settings as a service reads them, under a fresh name prefix."""
         return MessagingSettings(
-            rabbitmq_url=self.url, name_prefix=f"nbench{uuid.uuid4().hex[:8]}."
+            rabbitmq_url=self.url, name_prefix=f"{self.prefix}{uuid.uuid4().hex[:8]}."
         )
 
     @staticmethod
     def timeout(n: int) -> float:
         return max(120.0, n / 20)
 
-    async def prepared(
-        self, settings: MessagingSettings, workload: Workload
-    ) -> tuple[Probe, QueueSet]:
+    async def prepared(self, settings: MessagingSettings, events: Events) -> tuple[Probe, QueueSet]:
         """The events exchange with the probe bound, and the work queue pre-filled."""
         names = Names(settings.name_prefix)
-        work = names.service_queues(SERVICE, len(settings.retry_tiers))
-        probe = Probe(self.url, names)
+        work = names.service_queues(self.service_name, len(settings.retry_tiers))
+        probe = Probe(self.url, names, self.binding)
         await probe.declare()
         arguments = queue_arguments(work, names, settings.delivery_limit)
-        await prefill(self.url, work.work, arguments, workload.events)
+        await prefill(self.url, work.work, arguments, events)
         return probe, work
 
     async def clean(self, names: Names, probe: Probe, queue_sets: Iterable[QueueSet]) -> None:
@@ -335,6 +286,12 @@ class Bench:
             queues += [qs.work, qs.dlq, *qs.retries]
         await delete_queues(self.url, list(dict.fromkeys(queues)), [names.exchange, names.dlx])
 
+
+class Bench(ServiceBench):
+    def __init__(self, url: str, dbs: Databases) -> None:
+        super().__init__(url, dbs)
+        self.command: Command | None = None
+
     # -- the notification service ------------------------------------------------------------
 
     async def service(self, kind: DbKind, workload: Workload) -> Sample:
@@ -343,7 +300,7 @@ class Bench:
         names = Names(settings.name_prefix)
         queue_sets = [names.service_queues(SERVICE, len(settings.retry_tiers))]
         async with self.dbs.fresh_url(kind) as db_url:
-            probe, work = await self.prepared(settings, workload)
+            probe, work = await self.prepared(settings, workload.events)
             try:
                 await self.directory(db_url, workload)
                 app = create_app(
@@ -357,20 +314,9 @@ class Bench:
                     ),
                     settings,
                 )
-                outcomes = Clock(n)  # only its list of outcomes other than processed is read
-                async with app.router.lifespan_context(app):
-                    window = Window(kind == "postgres")
-                    bus = app.state.bus
-                    bus.listeners.append(outcomes)
-                    queue_sets += [c.queues for c in bus.consumers]
-                    await probe.until(
-                        n, lambda: True, timeout=self.timeout(n), what=f"service on {kind}"
-                    )
-                    sample = window.close(n)
+                sample = await run_service(app, probe, kind, n, self.timeout(n), queue_sets)
                 # stopped: the checks read what is left
                 sample.problems += await self.service_checks(db_url, probe, work, workload)
-                if outcomes.unexpected:
-                    sample.problems.append(f"outcomes {sorted(set(outcomes.unexpected))[:3]}")
                 return sample
             finally:
                 await self.clean(names, probe, queue_sets)
@@ -416,7 +362,7 @@ class Bench:
         settings = self.settings()
         names = Names(settings.name_prefix)
         commands = self.command.copies(n)
-        probe, work = await self.prepared(settings, workload)
+        probe, work = await self.prepared(settings, workload.events)
         try:
             async with AsyncExitStack() as stack:
                 consuming = await aio_pika.connect(self.url)
@@ -434,7 +380,7 @@ class Bench:
                 worker = asyncio.create_task(loop.work())
                 try:
                     tag = await queue.consume(loop.arrived)
-                    window = Window(False)
+                    window = Window(database=False)
                     await probe.until(
                         n,
                         lambda: loop.acked >= n and loop.confirmed >= n,
@@ -454,6 +400,25 @@ class Bench:
             return sample
         finally:
             await self.clean(names, probe, [work])
+
+
+async def run_service(
+    app: Any, probe: Probe, kind: DbKind, n: int, timeout: float, queue_sets: list[QueueSet]
+) -> Sample:
+    """Start ``app`` (its lifespan: migrations, the bus, the relay), time it from then until
+    the probe holds ``n`` messages, and stop it. The CPU over that window; the service's
+    queues are added to ``queue_sets`` (to delete), outcomes other than processed reported."""
+    outcomes = Clock(n)  # only its list of outcomes other than processed is read
+    async with app.router.lifespan_context(app):
+        window = Window(database=kind == "postgres")
+        bus = app.state.bus
+        bus.listeners.append(outcomes)
+        queue_sets += [c.queues for c in bus.consumers]
+        await probe.until(n, lambda: True, timeout=timeout, what=f"service on {kind}")
+        sample = window.close(n)
+    if outcomes.unexpected:
+        sample.problems.append(f"outcomes {sorted(set(outcomes.unexpected))[:3]}")
+    return sample
 
 
 class RawLoop:
@@ -521,12 +486,14 @@ async def table_checks(engine: AsyncEngine, n: int) -> list[str]:
     return problems
 
 
-async def queue_checks(probe: Probe, queues: Iterable[str], n: int) -> list[str]:
-    """The bound queue holds exactly N commands; nothing is left in ``queues`` (the work
-    queue, and the service's retry queues and DLQ)."""
+async def queue_checks(
+    probe: Probe, queues: Iterable[str], n: int, what: str = "commands"
+) -> list[str]:
+    """The bound queue holds exactly N ``what`` (N = 0: not checked); nothing is left in
+    ``queues`` (the work queue, and the service's retry queues and DLQ)."""
     problems: list[str] = []
-    if (got := await probe.depth()) != n:
-        problems.append(f"{got:,} commands in the bound queue for {n:,}")
+    if n and (got := await probe.depth()) != n:
+        problems.append(f"{got:,} {what} in the bound queue for {n:,}")
     for name in queues:
         if left := await probe.depth(name):
             problems.append(f"{left} messages left in {name.split('.', 1)[1]}")
@@ -590,20 +557,20 @@ def figure_rows(f: Figure, n: int) -> list[Row]:
         Row(
             f"notifications/s, {db} (in-app row + email.send confirmed; {s.rounds} x {n:,}){flag}",
             f"{s.rate:,.0f}/s",
-            f"{r.rate:,.0f}/s (raw aio-pika)",
-            f"{f.ratio:.0%}",
+            baseline=f"{r.rate:,.0f}/s (raw aio-pika)",
+            ratio=f"{f.ratio:.0%}",
         ),
         Row(
             f"CPU per notification, this process ({db}: consumer, handlers, relay, driver)",
             ms(s.ms(s.cpu)),
-            ms(r.ms(r.cpu)),
-            f"{s.cpu / r.cpu:.1f}x" if r.cpu else "—",
+            baseline=ms(r.ms(r.cpu)),
+            ratio=f"{s.cpu / r.cpu:.1f}x" if r.cpu else "—",
         ),
         Row(
             f"CPU per notification, RabbitMQ server ({db} run)",
             ms(s.ms(s.broker)),
-            ms(r.ms(r.broker)),
-            f"{s.broker / r.broker:.1f}x" if r.broker else "—",
+            baseline=ms(r.ms(r.broker)),
+            ratio=f"{s.broker / r.broker:.1f}x" if r.broker else "—",
         ),
     ]
     if f.kind == "postgres":
@@ -611,7 +578,7 @@ def figure_rows(f: Figure, n: int) -> list[Row]:
             Row(
                 "CPU per notification, PostgreSQL server (every server process)",
                 ms(s.ms(s.database)),
-                "—",
+                baseline="—",
             )
         )
     ratios = [svc.rate / raw.rate for _, svc, raw in f.rounds]
@@ -687,7 +654,7 @@ class Report:
             lines.append("- **`--quick`: a smoke run, not figures to keep**")
         if invalid:
             lines.append("- **a round's checks failed: its figures are not valid**")
-        lines += ["", results_table(rows), "", "Rounds:", "", rounds_table(self.figures)]
+        lines += ["", results_table(rows, cpu=False), "", "Rounds:", "", rounds_table(self.figures)]
         return "\n".join(lines)
 
 
@@ -739,12 +706,7 @@ async def infrastructure(kinds: list[DbKind]) -> AsyncIterator[tuple[str, Databa
 async def main(args: argparse.Namespace) -> Report:
     n = 1_000 if args.quick else args.n
     rounds = 2 if args.quick and args.rounds is None else (args.rounds or 3)
-    kinds: list[DbKind] = []
-    for name in args.db.split(","):
-        kind = next((k for k in LABEL if k == name), None)
-        if kind is None:
-            raise SystemExit(f"--db: {name!r} is not one of {', '.join(LABEL)}")
-        kinds.append(kind)
+    kinds = database_kinds(args.db)
     command = " ".join(["python", "-m", "bench.notification_bench", *sys.argv[1:]])
     stamp = run_stamp()
     started = time.perf_counter()
@@ -792,22 +754,16 @@ async def main(args: argparse.Namespace) -> Report:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="N=1,000, 2 rounds: a smoke run")
     parser.add_argument("-n", type=int, default=10_000, help="notifications per round")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per database (3)")
     parser.add_argument("--db", default="sqlite,postgres", help="comma-separated: sqlite, postgres")
-    parser.add_argument("--write", type=Path, help="put the section into this Markdown file")
     args = parser.parse_args(argv)
     # each round's app instruments the engine and app again: OpenTelemetry says so each time
     logging.getLogger("opentelemetry.instrumentation.instrumentor").setLevel(logging.ERROR)
     report = uvloop.run(main(args))  # the services run on uvloop too
-    text = report.markdown()
-    say()
-    say(text)
-    if args.write:
-        write_section(args.write, MARKER, text)
-        say(f"\n(written to {args.write})")
+    print_section(report.markdown(), args.write, MARKER)
 
 
 if __name__ == "__main__":

@@ -11,95 +11,59 @@ Figures (1 KB persistent ``user.created.v2``; each level gets the same message c
   2  the runtime (Bus, batch_max=100, a handler adding one row) from a pre-filled quorum queue
   3  the runtime with batch_max=1: one commit, and with FULL one fsync, per message
 Throughput runs from the first completion to the last; CPU is this process's CPU time
-(every thread) over the same span, per message.
+(every thread) over the same span, per message, and (runtime figures) the RabbitMQ server's.
+
+    --write FILE   put the section between its markers (sqlite-sync-bench) in FILE
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import os
-import platform
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
+import uvloop
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.common import (
-    Clock,
     Databases,
     Events,
-    Row,
+    Sample,
     count_rows,
     databases,
-    package_version,
     prefill,
     rabbitmq_version,
-    results_table,
-    run_stamp,
 )
-from bench.messaging_bench import SERVICE, Topology, on_user_created
-from tributary.contracts.events import UserCreatedV2
-from tributary.messaging.bus import Bus
+from bench.messaging_bench import Topology, consume_with_runtime
+from bench.report import (
+    Meter,
+    MeteredClock,
+    Row,
+    Section,
+    bench_parser,
+    cpu_cell,
+    print_section,
+    results_table,
+    sqlite_version,
+    versions,
+)
 from tributary.messaging.db import SQLITE_SYNCHRONOUS_ENV, utcnow
 from tributary.testkit.infra import find_rabbitmq
 
 LEVELS = ("NORMAL", "FULL")
 PRAGMA_VALUE = {"NORMAL": 1, "FULL": 2}
 EVENT_TYPE = "com.tributary.user.created.v2"
+MARKER = "sqlite-sync-bench"
 
 
 def say(line: str) -> None:
     print(line, flush=True)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """``count`` messages in ``seconds`` of wall time and ``cpu`` seconds of process CPU."""
-
-    count: int
-    seconds: float
-    cpu: float
-
-    def __add__(self, other: Sample) -> Sample:
-        return Sample(self.count + other.count, self.seconds + other.seconds, self.cpu + other.cpu)
-
-    @property
-    def rate(self) -> float:
-        return self.count / self.seconds if self.seconds > 0 else float("nan")
-
-    @property
-    def cpu_us(self) -> float:
-        return self.cpu / self.count * 1e6 if self.count else float("nan")
-
-
-class CpuClock(Clock):
-    """A :class:`Clock` that also notes process CPU time at the first and last completion."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__(n)
-        self.cpu_first: float | None = None
-        self.cpu_last: float | None = None
-
-    def tick(self) -> None:
-        cpu = time.process_time()
-        if self.cpu_first is None:
-            self.cpu_first = cpu
-        self.cpu_last = cpu
-        super().tick()
-
-    @property
-    def sample(self) -> Sample:
-        measured = self.measured
-        cpu = (self.cpu_last or 0.0) - (self.cpu_first or 0.0)
-        return Sample(measured.count, measured.seconds, cpu)
 
 
 @contextmanager
@@ -148,7 +112,9 @@ class SyncBench:
             async with aiosqlite.connect(path) as db:
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.execute(f"PRAGMA synchronous={level}")
-                cpu, start = time.process_time(), time.perf_counter()
+                meter = Meter(broker=False)
+                meter.start()
+                start = time.perf_counter()
                 for at in range(0, n, batch):
                     await db.executemany(
                         "INSERT INTO tributary_inbox "
@@ -161,7 +127,7 @@ class SyncBench:
                         things[at : at + batch],
                     )
                     await db.commit()
-                sample = Sample(n, time.perf_counter() - start, time.process_time() - cpu)
+                sample = meter.stop(n, time.perf_counter() - start)
             await self.check(engine, n, f"raw {level}")
         return sample
 
@@ -173,19 +139,9 @@ class SyncBench:
             await prefill(self.url, top.queues.work, top.work_arguments, Events.make(n))
             async with AsyncExitStack() as stack:
                 engine = await self.fresh(stack, level)
-                clock = CpuClock(n)
-                bus = Bus(
-                    SERVICE,
-                    engine,
-                    handlers={UserCreatedV2: on_user_created},
-                    settings=top.settings,
-                )
-                bus.listeners.append(clock)
-                await bus.start()
-                try:
-                    await clock.wait(max(120.0, n / 40), f"runtime {level} batch_max={batch_max}")
-                finally:
-                    await bus.stop()
+                clock = MeteredClock(n)
+                what = f"runtime {level} batch_max={batch_max}"
+                await consume_with_runtime(engine, top, clock, max(120.0, n / 40), what)
                 if clock.unexpected:
                     self.problems.append(f"runtime {level}: {clock.unexpected[:3]}")
                 await self.check(engine, n, f"runtime {level} batch_max={batch_max}")
@@ -204,22 +160,31 @@ class SyncBench:
     ) -> dict[str, Sample]:
         """Each level ``count`` times on ``n // count`` messages, the order rotating."""
         each = n // count
-        total = {level: Sample(0, 0.0, 0.0) for level in LEVELS}
+        total: dict[str, Sample] = {}
         started = time.perf_counter()
         for r in range(count):
             for level in LEVELS[r % 2 :] + LEVELS[: r % 2]:
-                total[level] += await figure(level, each)
+                got = await figure(level, each)
+                total[level] = total[level] + got if level in total else got
         shown = ", ".join(
-            f"{level} {s.rate:,.0f} msg/s {s.cpu_us:.0f} µs CPU/msg" for level, s in total.items()
+            f"{level} {s.rate:,.0f} msg/s {s.us(s.cpu):.0f} µs CPU/msg"
+            for level, s in total.items()
         )
         elapsed = time.perf_counter() - started
         say(f"  {what} ({count} rounds of {each:,}): {shown}   [{elapsed:.0f} s]")
         return total
 
 
-def rows_for(what: str, got: dict[str, Sample], baseline: dict[str, Sample] | None) -> list[Row]:
-    """Throughput and CPU per message for NORMAL and FULL; FULL is read against NORMAL."""
+def rows_for(
+    what: str, got: dict[str, Sample], baseline: dict[str, Sample] | None, *, broker: bool
+) -> list[Row]:
+    """Throughput and CPU per message for NORMAL and FULL (each level against the bare
+    database at the same level, when given); then FULL against NORMAL, like for like."""
     normal, full = got["NORMAL"], got["FULL"]
+
+    def cpu(s: Sample, on_broker: bool = broker) -> str:
+        return cpu_cell(s, broker=on_broker)
+
     out = []
     for level, s in got.items():
         base = baseline[level] if baseline else None
@@ -227,7 +192,9 @@ def rows_for(what: str, got: dict[str, Sample], baseline: dict[str, Sample] | No
             Row(
                 f"{what}, {level}: throughput",
                 f"{s.rate:,.0f} msg/s",
-                f"{base.rate:,.0f} msg/s (bare database)" if base else "—",
+                cpu(s),
+                f"bare database, {level}: {base.rate:,.0f} msg/s" if base else "—",
+                cpu(base, False) if base else "—",
                 f"{s.rate / base.rate:.0%}" if base else "—",
             )
         )
@@ -235,14 +202,18 @@ def rows_for(what: str, got: dict[str, Sample], baseline: dict[str, Sample] | No
         Row(
             f"{what}: FULL vs NORMAL throughput",
             f"{full.rate:,.0f} msg/s",
-            f"{normal.rate:,.0f} msg/s",
+            cpu(full),
+            f"the same at NORMAL: {normal.rate:,.0f} msg/s",
+            cpu(normal),
             f"{full.rate / normal.rate:.0%}",
         ),
         Row(
-            f"{what}: CPU per message, FULL vs NORMAL",
-            f"{full.cpu_us:.0f} µs",
-            f"{normal.cpu_us:.0f} µs",
-            f"{full.cpu_us - normal.cpu_us:+.0f} µs",
+            f"{what}: CPU per message (this process), FULL vs NORMAL",
+            f"{full.us(full.cpu):,.0f} µs",
+            "—",
+            f"the same at NORMAL: {normal.us(normal.cpu):,.0f} µs",
+            "—",
+            f"{full.us(full.cpu) - normal.us(normal.cpu):+,.0f} µs",
         ),
     ]
     return out
@@ -258,26 +229,36 @@ def filesystem(path: Path) -> str:
     return f"{best[1]} on {best[0]}"
 
 
-def stamp(rabbit: str, tmp: Path) -> str:
-    v = package_version
-    return (
-        f"Python {platform.python_version()}, aio-pika {v('aio-pika')}, SQLAlchemy "
-        f"{v('sqlalchemy')}, aiosqlite {v('aiosqlite')}, SQLite {sqlite3.sqlite_version}; "
-        f"RabbitMQ {rabbit}; {os.cpu_count()} CPUs, {platform.platform()}; "
-        f"databases in {tmp} ({filesystem(tmp)})"
-    )
-
-
-async def main(args: argparse.Namespace) -> None:
-    n, n_raw, n_single = (2_000, 4_000, 200) if args.quick else (args.n, args.n * 2, args.n_single)
+async def main(args: argparse.Namespace) -> str:
+    quick = args.quick
+    n, n_raw, n_single = (2_000, 4_000, 200) if quick else (args.n, args.n * 2, args.n_single)
     with ExitStack() as infra:
         url = find_rabbitmq(infra).url
         async with databases("") as dbs:  # SQLite only: no PostgreSQL server needed
-            say(run_stamp())
-            say(stamp(await rabbitmq_version(url), dbs.tmp))
-            say(f"N = {n:,} (bare database {n_raw:,}, per-message commits {n_single:,})")
+            section = Section(
+                "## SQLite durability: `synchronous=FULL` against `NORMAL`",
+                "bench.sqlite_sync_bench",
+                versions(
+                    ["uvloop", "aio-pika", "aiormq", "sqlalchemy", "aiosqlite", "pydantic"],
+                    {"RabbitMQ": await rabbitmq_version(url), "SQLite": sqlite_version()},
+                ),
+                quick=quick or n < 2_000,
+            )
+            section.settings += [
+                f"N = {n:,} per runtime figure (bare database {n_raw:,}, per-message commits "
+                f"{n_single:,}), each level the same count, 2 interleaved rounds (order "
+                "rotating), a fresh database file each; 1 KB persistent `user.created.v2`; "
+                "event loop: uvloop",
+                f"databases in a temporary folder on {filesystem(dbs.tmp)} (fsync costs "
+                "depend on it)",
+                "CPU per message: this process (every thread) over the rate's window (first "
+                "to last completion); runtime figures also the RabbitMQ server's",
+                "like for like: each level against the other with the same code, N and file "
+                "system; the runtime's group commit against the bare database at the same level",
+            ]
+            say(section.stamp)
+            say(section.versions)
             bench = SyncBench(url, dbs)
-            start = time.perf_counter()
             raw = await bench.rounds("1 bare database, commit per 100", bench.raw_inserts, n_raw, 2)
 
             async def grouped(level: str, each: int) -> Sample:
@@ -288,25 +269,25 @@ async def main(args: argparse.Namespace) -> None:
 
             group = await bench.rounds("2 runtime, batch_max=100", grouped, n, 2)
             one = await bench.rounds("3 runtime, batch_max=1", single, n_single, 2)
-            say(f"\nwhole run: {time.perf_counter() - start:.0f} s\n")
-            table = [
-                *rows_for("1 bare database (aiosqlite, commit per 100)", raw, None),
-                *rows_for("2 runtime group commit (batch_max=100)", group, raw),
-                *rows_for("3 runtime, a commit per message (batch_max=1)", one, None),
+            rows = [
+                *rows_for("1 bare database (aiosqlite, commit per 100)", raw, None, broker=False),
+                *rows_for("2 runtime group commit (batch_max=100)", group, raw, broker=True),
+                *rows_for("3 runtime, a commit per message (batch_max=1)", one, None, broker=True),
             ]
-            say(results_table(table))
-            for problem in bench.problems:
-                say(f"!! {problem}")
+            section.add(results_table(rows))
+            section.problems += bench.problems
+            return section.markdown()
 
 
-def cli() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def cli(argv: list[str] | None = None) -> None:
+    parser = bench_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run (N=2,000)")
     parser.add_argument("-n", type=int, default=10_000, help="messages per runtime figure")
     parser.add_argument(
         "--n-single", type=int, default=600, help="messages for the per-message-commit figure"
     )
-    asyncio.run(main(parser.parse_args()))
+    args = parser.parse_args(argv)
+    print_section(uvloop.run(main(args)), args.write, MARKER)  # the services run on uvloop too
 
 
 if __name__ == "__main__":

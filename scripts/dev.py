@@ -13,12 +13,19 @@ and ``var/eventctl.env`` holds the operator's connection for ``eventctl``.
 Secrets: identity registers ``BOOTSTRAP_ADMIN_API_KEY`` as an owner's API key, and the email
 service keys its address hashes with ``EMAIL_ADDRESS_KEY``. Unset, each is generated once into
 ``var/`` (mode 0600) and reused; how to get a bearer token is printed when all are ready.
+
+Billing and the payment provider: billing calls the provider at 127.0.0.1:8007 with
+``BILLING_PROVIDER_API_KEY`` (the provider's one accepted key), and the provider signs its
+webhooks to billing's ``/webhooks/payments`` with ``PAYMENT_PROVIDER_WEBHOOK_SECRET`` (the one
+billing accepts); both are secrets as above. The provider stands in for an external system: no
+broker user, and the administrator's ``RABBITMQ_URL`` is not passed to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -33,14 +40,19 @@ from urllib.parse import urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import local_secrets  # scripts/local_secrets.py, beside this file
 
-# name, port: the fixed local ports of the README
+# name, port: the fixed local ports of the README. The name is the workspace member under
+# services/ (and the compose service); its module and settings prefix are module_of(name).
 SERVICES: list[tuple[str, int]] = [
     ("identity", 8001),
     ("onboarding", 8002),
     ("email", 8003),
     ("audit", 8004),
     ("notification", 8005),
+    ("billing", 8006),
+    ("payment-provider", 8007),
 ]
+PROVIDER = "payment-provider"
+"""Not a Tributary service on the bus: an external system's stand-in (no broker user)."""
 COLORS = ["\033[36m", "\033[32m", "\033[35m", "\033[33m", "\033[34m", "\033[31m", "\033[37m"]
 RESET = "\033[0m"
 
@@ -50,7 +62,29 @@ EVENTCTL_ENV = Path("var/eventctl.env")
 HOW_TO_CALL = """dev        | admin API key: {where} (the built-in admin user, role owner)
 dev        | a token:  TOKEN=$(make -s token)   (scripts/access_token.py: client-credentials grant)
 dev        | then:     curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8004/audit
-dev        | eventctl: set -a; . var/eventctl.env; set +a   (connects as the operator user)"""
+dev        | eventctl: set -a; . var/eventctl.env; set +a   (connects as the operator user)
+dev        | provider: API key {provider_key} (billing's; pay at a subscription's pay_url)"""
+
+
+def module_of(name: str) -> str:
+    """``payment-provider`` -> ``payment_provider``: ``tributary.<module>``, ``<MODULE>_*``."""
+    return name.replace("-", "_")
+
+
+def _billing_env(env: dict[str, str]) -> None:
+    """Billing and the provider agree on the provider's API key and the webhook secret, and
+    each knows where the other listens (the fixed ports). Values in the environment win."""
+    ports = dict(SERVICES)
+    key = env["BILLING_PROVIDER_API_KEY"]
+    secret = env["PAYMENT_PROVIDER_WEBHOOK_SECRET"]
+    provider = f"http://127.0.0.1:{ports[PROVIDER]}"
+    env.setdefault("BILLING_PROVIDER_URL", provider)
+    env.setdefault("BILLING_WEBHOOK_SECRETS", json.dumps([secret]))
+    env.setdefault("PAYMENT_PROVIDER_API_KEYS", json.dumps([key]))
+    env.setdefault("PAYMENT_PROVIDER_PUBLIC_URL", provider)
+    env.setdefault(
+        "PAYMENT_PROVIDER_WEBHOOK_URL", f"http://127.0.0.1:{ports['billing']}/webhooks/payments"
+    )
 
 
 @dataclass
@@ -125,7 +159,8 @@ def _postgres(env: dict[str, str]) -> None:
     login = f"{user}:{server.password}" if server.password else user
     for name, _port in SERVICES:
         if name != "audit":
-            env.setdefault(f"{name.upper()}_DATABASE_URL", base.format(login) + name)
+            module = module_of(name)  # the database is named like the module: payment_provider
+            env.setdefault(f"{module.upper()}_DATABASE_URL", base.format(login) + module)
     # audit appends as audit_app; its migrations run as audit_owner (see the script)
     env["AUDIT_DATABASE_URL"] = base.format("audit_app:audit_app") + "audit"
     env["AUDIT_MIGRATION_DATABASE_URL"] = base.format("audit_owner:audit_owner") + "audit"
@@ -139,7 +174,8 @@ async def main(argv: list[str] | None = None) -> int:
         choices=("sqlite", "postgres"),
         default="sqlite",
         help="SQLite files in var/ (default), or PostgreSQL at $DEV_POSTGRES_URL "
-        "(default postgresql://postgres@127.0.0.1:5432): databases identity, onboarding, ...",
+        "(default postgresql://postgres@127.0.0.1:5432): databases identity, onboarding, ..., "
+        "billing, payment_provider",
     )
     args = parser.parse_args(argv)
     env = dict(os.environ)
@@ -155,6 +191,7 @@ async def main(argv: list[str] | None = None) -> int:
     from_env = local_secrets.ADMIN_KEY in env
     for name in local_secrets.SECRETS:
         env[name] = local_secrets.for_dev(name)
+    _billing_env(env)
     from tributary.eventctl.admin import AdminError
 
     try:
@@ -179,11 +216,14 @@ async def main(argv: list[str] | None = None) -> int:
             )
         )
     for i, (name, _port) in enumerate(SERVICES):
-        own = {**env, "RABBITMQ_URL": broker_urls[name]}  # its own broker user, not the admin
+        own = dict(env)
+        if name == PROVIDER:
+            del own["RABBITMQ_URL"]  # no broker at all, and never the administrator's
+        else:
+            own["RABBITMQ_URL"] = broker_urls[name]  # its own broker user, not the admin
+        module = f"tributary.{module_of(name)}"
         children.append(
-            await _spawn(
-                name, COLORS[i % len(COLORS)], sys.executable, "-m", f"tributary.{name}", env=own
-            )
+            await _spawn(name, COLORS[i % len(COLORS)], sys.executable, "-m", module, env=own)
         )
 
     stop = asyncio.Event()
@@ -215,7 +255,12 @@ async def main(argv: list[str] | None = None) -> int:
             if from_env
             else str(local_secrets.dev_file(local_secrets.ADMIN_KEY))
         )
-        print(HOW_TO_CALL.format(where=where), flush=True)
+        provider_key = (
+            "$BILLING_PROVIDER_API_KEY"
+            if "BILLING_PROVIDER_API_KEY" in os.environ
+            else str(local_secrets.dev_file("BILLING_PROVIDER_API_KEY"))
+        )
+        print(HOW_TO_CALL.format(where=where, provider_key=provider_key), flush=True)
         print("dev        | all services ready; Ctrl-C stops them", flush=True)
         waiters = [asyncio.create_task(c.process.wait()) for c in children]
         stopper = asyncio.create_task(stop.wait())

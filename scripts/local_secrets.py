@@ -1,8 +1,10 @@
 """The secrets of a local installation: where they are kept, made when missing.
 
 ``BOOTSTRAP_ADMIN_API_KEY`` (the built-in owner's API key), ``EMAIL_ADDRESS_KEY`` (the
-email service's HMAC key for addresses it must remember) and
-``NOTIFICATION_UNSUBSCRIBE_KEY`` (signs the one-click unsubscribe links); for ``make dev`` only,
+email service's HMAC key for addresses it must remember), ``NOTIFICATION_UNSUBSCRIBE_KEY``
+(signs the one-click unsubscribe links), ``BILLING_PROVIDER_API_KEY`` (billing's secret API
+key at the payment provider, which accepts it) and ``PAYMENT_PROVIDER_WEBHOOK_SECRET`` (the
+provider signs its webhooks with it, billing verifies them with it); for ``make dev`` only,
 ``TRIBUTARY_BROKER_SECRET`` (each broker user's password is derived from it). ``make dev``
 keeps them in ``var/<name>``; ``make demo`` in ``.env``, which Compose reads for ``${NAME}``.
 Both are git-ignored and written mode 0600. A value in the environment wins over either.
@@ -10,6 +12,7 @@ Both are git-ignored and written mode 0600. A value in the environment wins over
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import sys
@@ -20,7 +23,10 @@ SECRETS: dict[str, str] = {
     ADMIN_KEY: "trib_",  # the shape identity issues: trib_ + 256 random bits
     "EMAIL_ADDRESS_KEY": "",
     "NOTIFICATION_UNSUBSCRIBE_KEY": "",
+    "BILLING_PROVIDER_API_KEY": "pp_",
+    "PAYMENT_PROVIDER_WEBHOOK_SECRET": "whsec_",
 }
+WEBHOOK_SECRET = "PAYMENT_PROVIDER_WEBHOOK_SECRET"  # noqa: S105 (a variable name)
 BROKER_SECRET = "TRIBUTARY_BROKER_SECRET"  # noqa: S105 (a variable name)
 DEV_ONLY: dict[str, str] = {
     # make dev derives each broker user's password from it (the demo uses public ones)
@@ -35,6 +41,8 @@ def dev_file(name: str) -> Path:
 
 
 def new_value(name: str) -> str:
+    if name == WEBHOOK_SECRET:  # Standard Webhooks: whsec_ + standard base64 of the key
+        return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     return f"{SECRETS.get(name, DEV_ONLY.get(name, ''))}{secrets.token_urlsafe(32)}"
 
 

@@ -13,6 +13,7 @@ import pytest
 from tributary.messaging.testing import delete_prefixed
 from tributary.messaging.topology import Names
 from tributary.testkit.infra import Found, create_postgres_database, drop_postgres_database
+from tributary.testkit.processes import module_of
 
 from .stack import SIGNUP_SERVICES, Stack, queue_names
 
@@ -33,7 +34,7 @@ def new_stack(
     else:
         found: Found = request.getfixturevalue("postgres")
         server = found.url
-        created = [f"e2e_{n}_{uuid.uuid4().hex[:8]}" for n in services]
+        created = [f"e2e_{module_of(n)}_{uuid.uuid4().hex[:8]}" for n in services]
         urls = {
             n: asyncio.run(create_postgres_database(server, db))
             for n, db in zip(services, created, strict=True)

@@ -4,11 +4,16 @@ Used by the end-to-end tests: a unique broker name prefix isolates each stack, a
 sink (aiosmtpd) receives the mail and a real OTLP receiver the spans. As in production, each
 service connects as its own broker user (provisioned from the catalog under the stack's
 prefix) and checks the sender of every message.
+
+Billing and the payment provider are opt-in (``BILLING_SERVICES``): the provider is the
+external system's stand-in (no broker), billing calls it with the stack's API key, and it
+signs its webhooks to billing with the stack's webhook secret, retrying within seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import time
@@ -36,10 +41,16 @@ from tributary.eventctl.provision import DefinitionsBackend
 from tributary.messaging.testing import publish_raw
 from tributary.messaging.topology import Names
 from tributary.testkit.otlp import OtlpReceiver
-from tributary.testkit.processes import ServiceProcess, free_port, service_env
+from tributary.testkit.processes import ServiceProcess, free_port, module_of, service_env
 
 SIGNUP_SERVICES = ("identity", "onboarding", "email", "audit")
 ALL_SERVICES = (*SIGNUP_SERVICES, "notification")
+PROVIDER = "payment-provider"
+"""The payment provider: a process of the stack, but not on the bus (no broker user)."""
+BILLING_SERVICES = ("identity", "email", "audit", "notification", "billing", PROVIDER)
+"""A paid plan end to end: identity activates it, email mails the receipt, notification
+tells the user, audit records it; billing and the provider take the payment. Opt-in: the
+other stacks start neither billing nor the provider."""
 
 
 class MailSink:
@@ -89,6 +100,15 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     admin_key: str = field(default_factory=lambda: f"trib_{secrets.token_urlsafe(32)}")
     """Registered by identity at start-up (``BOOTSTRAP_ADMIN_API_KEY``) for the built-in owner."""
+    provider_key: str = field(default_factory=lambda: f"pp_test_{secrets.token_urlsafe(24)}")
+    """Billing's API key at the payment provider (the one key the provider accepts)."""
+    webhook_secret: str = field(
+        default_factory=lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    )
+    """The provider signs its webhooks with it; billing accepts it."""
+    activation_timeout: float = 6.0
+    """``BILLING_ACTIVATION_TIMEOUT_SECONDS``: how long billing waits for identity's activation of a
+    paid plan before it compensates (refund); short, so a test can outwait it."""
     ports: dict[str, int] = field(default_factory=dict)
     provisioner: DefinitionsBackend | None = None
     """How the stack's broker users are made (default: management API or rabbitmqctl)."""
@@ -170,8 +190,32 @@ class Stack:
 
         return asyncio.run(go())
 
+    def _provider_env(self, port: int) -> dict[str, str]:
+        values = {
+            "PAYMENT_PROVIDER_DATABASE_URL": self.database_urls[PROVIDER],
+            "PAYMENT_PROVIDER_PORT": str(port),
+            "PAYMENT_PROVIDER_PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "PAYMENT_PROVIDER_API_KEYS": json.dumps([self.provider_key]),
+            "PAYMENT_PROVIDER_WEBHOOK_SECRET": self.webhook_secret,
+            # a refused or lost webhook comes again within seconds, not minutes
+            "PAYMENT_PROVIDER_WEBHOOK_RETRY_SECONDS": "[0.2, 0.5, 1, 2, 4]",
+            "PAYMENT_PROVIDER_WEBHOOK_TIMEOUT_SECONDS": "5",
+            "PAYMENT_PROVIDER_POLL_SECONDS": "0.2",
+            "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+        if "billing" in self.ports:
+            webhooks = f"http://127.0.0.1:{self.ports['billing']}/webhooks/payments"
+            values["PAYMENT_PROVIDER_WEBHOOK_URL"] = webhooks
+        values.update(self.extra_env)
+        env = service_env(values)
+        env.pop("RABBITMQ_URL", None)  # an external system: no broker
+        return env
+
     def env_for(self, name: str, port: int) -> dict[str, str]:
-        upper = name.upper()
+        if name == PROVIDER:
+            return self._provider_env(port)
+        upper = module_of(name).upper()
         values = {
             # each service connects as its own user, and checks every sender
             "RABBITMQ_URL": self.url_of(name),
@@ -205,6 +249,14 @@ class Stack:
                 NOTIFICATION_WEBHOOK_RETRY_SCHEDULE="[0, 1, 2, 4]",
                 NOTIFICATION_DIGEST_WINDOW_SECONDS="12",
             )
+        if name == "billing":
+            values.update(
+                BILLING_PROVIDER_API_KEY=self.provider_key,
+                BILLING_WEBHOOK_SECRETS=json.dumps([self.webhook_secret]),
+                BILLING_ACTIVATION_TIMEOUT_SECONDS=str(self.activation_timeout),
+            )
+            if PROVIDER in self.ports:
+                values["BILLING_PROVIDER_URL"] = f"http://127.0.0.1:{self.ports[PROVIDER]}"
         if self.otlp is not None:
             values.update(
                 OTEL_EXPORTER_OTLP_ENDPOINT=self.otlp.endpoint,
@@ -265,6 +317,11 @@ class Stack:
         auth = self.auth() if admin and "identity" in self.services else None
         return httpx.Client(base_url=self.url(name), timeout=10, auth=auth)
 
+    def provider_client(self) -> httpx.Client:
+        """A client of the payment provider's merchant API, with billing's API key."""
+        headers = {"Authorization": f"Bearer {self.provider_key}"}
+        return httpx.Client(base_url=self.url(PROVIDER), timeout=10, headers=headers)
+
     def logs(self) -> str:
         return "\n".join(p.log_text() for p in self.services.values())
 
@@ -292,14 +349,16 @@ def dumps(value: Any) -> str:
 def queue_names(
     prefix: str, tiers: int = 3, services: tuple[str, ...] = SIGNUP_SERVICES
 ) -> list[str]:
-    """Every queue the services declare: their event queue sets and their command queues."""
+    """Every queue the services declare: their event queue sets and their command queues (the
+    payment provider declares none)."""
+    on_the_bus = [s for s in services if s != PROVIDER]
     commands = [
         spec.name
         for spec in catalog()
-        if spec.kind == "command" and set(spec.consumers) & set(services)
+        if spec.kind == "command" and set(spec.consumers) & set(on_the_bus)
     ]
     names: list[str] = []
-    for base in (*(f"{s}.events" for s in services), *commands):
+    for base in (*(f"{s}.events" for s in on_the_bus), *commands):
         root = base.removesuffix(".events")
         names += [f"{prefix}{base}", f"{prefix}{root}.dlq"]
         names += [f"{prefix}{root}.retry.{n}" for n in range(1, tiers + 1)]

@@ -18,6 +18,10 @@ from schemathesis import GenerationMode
 
 from .stack import SIGNUP_SERVICES, Stack
 
+# slow: a long end-to-end run of real processes: `make test` runs it in its second pytest process,
+# beside the rest of the suite
+pytestmark = pytest.mark.slow
+
 EXAMPLES = 25
 """Per operation and generation mode: some 2,000 requests over the four services."""
 

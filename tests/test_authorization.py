@@ -125,6 +125,15 @@ ROUTES: dict[tuple[str, str, str], Call] = {
     ("audit", "GET", "/audit/verify"): Call("admin", "/audit/verify", 200),
     ("audit", "GET", "/audit/checkpoints"): Call("admin", "/audit/checkpoints", 200),
     ("audit", "GET", "/audit/checkpoints/key"): Call("public", "/audit/checkpoints/key", 200),
+    ("audit", "GET", "/audit/timeline"): Call(
+        "admin", "/audit/timeline", 200, params={"correlation_id": "no-such-request"}
+    ),
+    # the timeline page and its files hold no data; the login's body is validated before
+    # identity is asked (an empty one: 422), a bearer token changes nothing
+    ("audit", "GET", "/audit/ui"): Call("public", "/audit/ui", 200),
+    ("audit", "GET", "/audit/ui/app.js"): Call("public", "/audit/ui/app.js", 200),
+    ("audit", "GET", "/audit/ui/app.css"): Call("public", "/audit/ui/app.css", 200),
+    ("audit", "POST", "/audit/ui/login"): Call("public", "/audit/ui/login", 422, json={}),
     # notification
     ("notification", "GET", "/users/{user_id}/preferences"): Call(
         "self", "/users/{owner}/preferences", 200
@@ -199,6 +208,10 @@ ROUTES: dict[tuple[str, str, str], Call] = {
         "self_hidden", "/subscriptions/{subscription}/cancel", 200
     ),
     ("billing", "GET", "/revenue"): Call("admin", "/revenue", 200),
+    ("billing", "GET", "/sagas/{subscription_id}"): Call("admin", "/sagas/{subscription}", 200),
+    ("billing", "GET", "/sagas"): Call(
+        "admin", "/sagas", 200, params={"state": "awaiting_payment"}
+    ),
     # the provider's signature is the credential: unsigned, 401 whatever token comes along
     ("billing", "POST", "/webhooks/payments"): Call("public", "/webhooks/payments", 401, json={}),
 }
@@ -309,11 +322,12 @@ async def services(
         for service, app in apps.items():
             names, tiers = app.state.bus.names, len(messaging["a"].retry_tiers)
             qs = names.service_queues(service, tiers)
-            queues = [qs.work, qs.dlq, *qs.retries]
+            # the service's own queue set and one per command it handles (billing.saga...)
+            queues = {qs.work, qs.dlq, *qs.retries, *app.state.bus.queue_names()}
             if service == "email":
                 commands = names.command_queues("email.send", tiers)
-                queues += [commands.work, commands.dlq, *commands.retries]
-            await delete_prefixed(rabbitmq.url, names, queues)
+                queues |= {commands.work, commands.dlq, *commands.retries}
+            await delete_prefixed(rabbitmq.url, names, sorted(queues))
 
 
 def _tokens(services: Services, service: str) -> TokenMinter:

@@ -17,6 +17,10 @@ from tributary.testkit.nodes import NodeUnavailable, postgres_bin, rabbit_sbin
 from .chaos.plan import PROFILES, Database
 from .chaos.soak import Config, run
 
+# slow: long and mostly waiting (faults, time windows, processes starting): `make test` runs it
+# in its second pytest process, beside the rest of the suite
+pytestmark = pytest.mark.slow
+
 SEED = int(os.environ.get("CHAOS_SEED", "20261201"))
 
 

@@ -3,6 +3,7 @@
 The real Compose v2 validates the file (and rejects broken copies of it), and the file agrees
 with the fixed names of the README: the services ``scripts/dev.py`` starts, their ports, the
 environment names each service's ``Settings`` reads, the databases the init script creates.
+The payment provider stands in for an external system: no broker, no tokens, no traces.
 """
 
 from __future__ import annotations
@@ -42,7 +43,20 @@ FIXED_PORTS = {
     "audit": 8004,
     "notification": 8005,
     "billing": 8006,
+    "payment-provider": 8007,
 }
+PROVIDER = "payment-provider"
+"""The one built service that is not on the bus."""
+
+
+def module_of(name: str) -> str:
+    """A service's module (``tributary.<module>``), database and settings prefix."""
+    return name.replace("-", "_")
+
+
+def _filled(value: str) -> str:
+    """``value`` as Compose fills it from an empty ``.env``: every ``${...}`` empty."""
+    return re.sub(r"\$\{[^}]*\}", "", value)
 
 
 def _dev_services() -> list[tuple[str, int]]:
@@ -63,6 +77,7 @@ def _dev_services() -> list[tuple[str, int]]:
 
 DEV_SERVICES = _dev_services()
 DEV_NAMES = [name for name, _ in DEV_SERVICES]
+ON_THE_BUS = [name for name in DEV_NAMES if name != PROVIDER]
 
 
 # --- Compose v2 -------------------------------------------------------------------------------
@@ -198,7 +213,17 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 def _expected_environment(name: str) -> set[str]:
-    upper = name.upper()
+    upper = module_of(name).upper()
+    if name == PROVIDER:  # its own API keys and webhooks; neither broker, tokens nor traces
+        return {
+            "HOST",
+            f"{upper}_DATABASE_URL",
+            f"{upper}_PORT",
+            f"{upper}_PUBLIC_URL",
+            f"{upper}_API_KEYS",
+            f"{upper}_WEBHOOK_URL",
+            f"{upper}_WEBHOOK_SECRET",
+        }
     names = {
         "RABBITMQ_URL",
         f"{upper}_DATABASE_URL",
@@ -219,6 +244,12 @@ def _expected_environment(name: str) -> set[str]:
         return names | {"NOTIFICATION_PUBLIC_URL", "NOTIFICATION_UNSUBSCRIBE_KEY"}
     if name == "audit":  # runs as an append-only role; migrations as the tables' owner
         return names | {"AUDIT_MIGRATION_DATABASE_URL", "AUDIT_APP_ROLE"}
+    if name == "billing":  # the provider's API and key, the provider's webhook secrets
+        return names | {
+            "BILLING_PROVIDER_URL",
+            "BILLING_PROVIDER_API_KEY",
+            "BILLING_WEBHOOK_SECRETS",
+        }
     return names
 
 
@@ -228,7 +259,7 @@ DATABASE_USERS = {"audit": "audit_app:audit_app"}
 
 def _settings_class(name: str) -> Any:
     # every service in compose must be a workspace member: a missing one fails here
-    return importlib.import_module(f"tributary.{name}.settings").Settings
+    return importlib.import_module(f"tributary.{module_of(name)}.settings").Settings
 
 
 def test_the_app_services_are_the_ones_dev_py_starts(services: dict[str, Any]) -> None:
@@ -245,15 +276,23 @@ def test_port_is_the_fixed_one_everywhere(
 
     assert dev_port == port
     assert _published(service) == {port: port}
-    assert _environment(service)[f"{name.upper()}_PORT"] == str(port)
+    assert _environment(service)[f"{module_of(name).upper()}_PORT"] == str(port)
     assert _settings_class(name).model_fields["port"].default == port
 
 
 @pytest.mark.parametrize("name", DEV_NAMES)
 def test_environment_uses_the_fixed_names(services: dict[str, Any], name: str) -> None:
     environment = _environment(services[name])
+    module = module_of(name)
 
     assert set(environment) == _expected_environment(name)
+    user = DATABASE_USERS.get(name, "postgres:postgres")
+    assert environment[f"{module.upper()}_DATABASE_URL"] == (
+        f"postgresql+asyncpg://{user}@postgres:5432/{module}"
+    )
+    assert environment["HOST"] == "0.0.0.0"
+    if name == PROVIDER:
+        return
     broker = urlsplit(environment["RABBITMQ_URL"])
     # its own broker user (never guest) on the compose broker, and the sender check on
     assert (broker.username, broker.hostname, broker.port, broker.path) == (
@@ -263,11 +302,6 @@ def test_environment_uses_the_fixed_names(services: dict[str, Any], name: str) -
         "/",
     )
     assert environment["TRIBUTARY_VERIFY_SENDER"] == "true"
-    user = DATABASE_USERS.get(name, "postgres:postgres")
-    assert environment[f"{name.upper()}_DATABASE_URL"] == (
-        f"postgresql+asyncpg://{user}@postgres:5432/{name}"
-    )
-    assert environment["HOST"] == "0.0.0.0"
     assert environment["OTEL_SERVICE_NAME"] == name
     assert environment["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
     assert environment["OTEL_TRACES_SAMPLER"] == "parentbased_always_on"
@@ -285,15 +319,14 @@ def test_settings_read_the_compose_environment(
     environment = _environment(services[name])
     monkeypatch.delenv("REDIS_URL", raising=False)
     for key, value in environment.items():
-        if value.startswith("${"):  # filled in by Compose from .env when it runs
-            monkeypatch.setenv(key, "")
-        else:
-            monkeypatch.setenv(key, value)
+        monkeypatch.setenv(key, _filled(value))  # ${...} filled in by Compose from .env
 
     settings = settings_class()
     assert settings.host == "0.0.0.0"
     assert settings.port == FIXED_PORTS[name]
-    assert settings.database_url == environment[f"{name.upper()}_DATABASE_URL"]
+    assert settings.database_url == environment[f"{module_of(name).upper()}_DATABASE_URL"]
+    if name == PROVIDER:
+        return
     assert MessagingSettings().rabbitmq_url == environment["RABBITMQ_URL"]
     if name == "email":
         assert (settings.smtp_host, settings.smtp_port) == ("mailpit", 1025)
@@ -306,13 +339,16 @@ def test_each_service_reaches_the_infrastructure_it_is_given(
     services: dict[str, Any], name: str
 ) -> None:
     environment = _environment(services[name])
-    database = urlsplit(environment[f"{name.upper()}_DATABASE_URL"])
+    module = module_of(name)
+    database = urlsplit(environment[f"{module.upper()}_DATABASE_URL"])
+
+    assert re.search(rf"\b{module}\b", INIT_DATABASES.read_text()), "init script creates it"
+    assert database.hostname == "postgres"
+    assert database.path == f"/{module}"
+    if name == PROVIDER:
+        return
     traces = urlsplit(environment["OTEL_EXPORTER_OTLP_ENDPOINT"])
     broker = urlsplit(environment["RABBITMQ_URL"])
-
-    assert re.search(rf"\b{name}\b", INIT_DATABASES.read_text()), "init script creates it"
-    assert database.hostname == "postgres"
-    assert database.path == f"/{name}"
     assert broker.hostname == "rabbitmq"
     assert broker.port in _published(services["rabbitmq"])
     assert traces.hostname == "jaeger"
@@ -345,7 +381,9 @@ def test_each_service_waits_for_healthy_dependencies(services: dict[str, Any], n
     depends_on = services[name]["depends_on"]
     healthy = {dep for dep, spec in depends_on.items() if spec["condition"] == "service_healthy"}
 
-    assert {"rabbitmq", "postgres"} <= healthy
+    assert {"postgres"} <= healthy
+    if name != PROVIDER:
+        assert "rabbitmq" in healthy
     if name == "email":
         assert "mailpit" in healthy
     if name == "identity":
@@ -363,6 +401,116 @@ def test_dockerfile_healthcheck_is_valid_python_hitting_ready() -> None:
     assert argv[:2] == ["python", "-c"]
     assert "/health/ready" in argv[2]
     compile(argv[2], "<healthcheck>", "exec")
+
+
+@pytest.mark.parametrize("name", DEV_NAMES)
+def test_the_image_runs_the_module_of_its_service(name: str) -> None:
+    """CMD turns SERVICE into the module (``payment-provider`` -> ``tributary.payment_provider``)
+    with the image's /bin/sh, and that module can be run."""
+    match = re.search(r"^CMD (\[.*\])$", DOCKERFILE.read_text(), re.M)
+    assert match, "CMD [exec form]"
+    argv = json.loads(match.group(1))
+    assert argv[:2] == ["/bin/sh", "-c"]
+    assert argv[2].startswith("exec python -m ")
+    shown = argv[2].replace("exec python -m ", "printf %s ", 1)
+    result = subprocess.run(
+        ["/bin/sh", "-c", shown],
+        env={"SERVICE": name, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert result.stdout == f"tributary.{module_of(name)}", result.stderr
+    assert importlib.util.find_spec(f"tributary.{module_of(name)}.__main__") is not None
+
+
+def test_the_healthcheck_reads_the_port_of_a_hyphenated_service() -> None:
+    """SERVICE=payment-provider: the check reads PAYMENT_PROVIDER_PORT and asks /health/ready
+    there (a real HTTP server on a free port answers)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    asked: list[str] = []
+
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    match = re.search(r"^HEALTHCHECK .*\\\n\s+CMD (\[.*\])$", DOCKERFILE.read_text(), re.M)
+    assert match
+    code = json.loads(match.group(1))[2]
+    with ThreadingHTTPServer(("127.0.0.1", 0), Ready) as server:
+        Thread(target=server.serve_forever, daemon=True).start()
+        env = {
+            **os.environ,
+            "SERVICE": PROVIDER,
+            "PAYMENT_PROVIDER_PORT": str(server.server_address[1]),
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+        )
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    assert asked == ["/health/ready"]
+
+
+def _local_secrets() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "_tributary_local_secrets", ROOT / "scripts" / "local_secrets.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_billing_and_the_provider_share_the_key_and_the_secret_and_reach_each_other(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Billing's API key is one the provider accepts, the secret the provider signs with is one
+    billing accepts (both from .env, which `make demo` fills), and each calls the other by
+    its compose name and fixed port."""
+    from tributary.billing.settings import Settings as BillingSettings
+    from tributary.payment_provider.settings import Settings as ProviderSettings
+
+    secrets_of_demo = _local_secrets().SECRETS
+    given = {
+        "BILLING_PROVIDER_API_KEY": "pp_demo_key_0123456789",
+        "PAYMENT_PROVIDER_WEBHOOK_SECRET": "whsec_ZGVtby13ZWJob29rLXNlY3JldC0wMTIzNDU2Nzg5",
+    }
+    assert set(given) <= set(secrets_of_demo)  # make demo writes both into .env
+
+    def fill(name: str) -> None:
+        for key, value in _environment(services[name]).items():
+            filled = re.sub(r"\$\{(\w+):-\}", lambda m: given.get(m.group(1), ""), value)
+            monkeypatch.setenv(key, filled)
+
+    fill("billing")
+    billing = BillingSettings()
+    fill(PROVIDER)
+    provider = ProviderSettings()
+
+    assert billing.provider_api_key is not None
+    assert billing.provider_api_key.get_secret_value() in [
+        k.get_secret_value() for k in provider.api_keys
+    ]
+    assert provider.webhook_secret is not None
+    assert provider.webhook_secret.get_secret_value() in [
+        s.get_secret_value() for s in billing.webhook_secrets
+    ]
+    assert provider.webhook_secret.get_secret_value() == given["PAYMENT_PROVIDER_WEBHOOK_SECRET"]
+    to_provider = urlsplit(billing.provider_url)
+    assert (to_provider.hostname, to_provider.port) == (PROVIDER, FIXED_PORTS[PROVIDER])
+    assert provider.webhook_url == f"http://billing:{FIXED_PORTS['billing']}/webhooks/payments"
+    # pay URLs are opened by a browser on the host: the published port
+    assert urlsplit(provider.public_url).port in _published(services[PROVIDER])
 
 
 def test_the_broker_loads_the_committed_users_at_boot(services: dict[str, Any]) -> None:
@@ -383,7 +531,8 @@ def test_the_broker_loads_the_committed_users_at_boot(services: dict[str, Any]) 
     users = {user["name"]: user for user in document["users"]}
     assert {"/"} == {vhost["name"] for vhost in document["vhosts"]}
     assert "guest" not in users  # a node loading definitions makes no default user either
-    for name in DEV_NAMES:
+    assert PROVIDER not in users  # the provider is not on the bus
+    for name in ON_THE_BUS:
         broker = urlsplit(_environment(services[name])["RABBITMQ_URL"])
         assert broker.username == name, f"{name} connects as {broker.username}"
         stored = users[name]["password_hash"]

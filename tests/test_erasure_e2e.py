@@ -33,6 +33,10 @@ from tributary.testkit.waiting import wait_until
 
 from .stack import SIGNUP_SERVICES, Stack, get_json
 
+# slow: a long end-to-end run of real processes: `make test` runs it in its second pytest process,
+# beside the rest of the suite
+pytestmark = pytest.mark.slow
+
 DLQ_OWNERS = (*SIGNUP_SERVICES, "email.send")
 
 
@@ -177,6 +181,13 @@ def erasure_handled_everywhere(stack: Stack, user_id: str) -> bool:
     return all(asyncio.run(_handled(url, key)) for url in stack.database_urls.values())
 
 
+def announcing(stack: Stack, message_id: str) -> set[str]:
+    """The services whose message.dead_lettered about ``message_id`` audit has recorded."""
+    entries = get_json(stack, "audit", "/audit", type="message.dead_lettered", limit=500)
+    about = [e["data"] for e in entries["entries"] if e["data"].get("message_id") == message_id]
+    return {data["service"] for data in about}
+
+
 def dlq_ids(stack: Stack) -> dict[str, set[str]]:
     return {
         owner: {m.split("\n", 1)[0] for m in messages}
@@ -259,6 +270,12 @@ def test_an_erased_user_is_found_in_no_database_outbox_dlq_or_archive(
         lambda: get_json(stack, "audit", "/audit", subject=f"users/{user_id}", limit=50),
         what="audit entries about the user",
     )
+    # every consumer announced its dead letters (message.dead_lettered, no payload, no PII):
+    # audit records them, and the audit database below holds none of the person's data
+    wait_until(
+        lambda: announcing(stack, mine["id"]) == {"onboarding", "email", "audit"},
+        what="the announcements of the dead letters in the audit log",
+    )
     before = set(leaks(stack, person, user_id, archive))  # the search does find them
     assert {
         "identity database: first address",
@@ -292,6 +309,8 @@ def test_an_erased_user_is_found_in_no_database_outbox_dlq_or_archive(
     assert [json.loads(line)["message_id"] for line in archive.read_text().splitlines()] == [
         theirs["id"]
     ]
+    # the announcements stay: they name no one, and they are part of the chain
+    assert announcing(stack, mine["id"]) == {"onboarding", "email", "audit"}
     erasures = get_json(stack, "audit", "/audit", type="user.erased", subject=f"users/{user_id}")
     assert len(erasures["entries"]) == 1
     assert get_json(stack, "audit", "/audit/verify")["ok"] is True

@@ -67,6 +67,20 @@ def _payment(user_id: str) -> Any:
     )
 
 
+def _announced(stack: Stack, message_id: str, n: int) -> list[dict[str, Any]]:
+    """Audit's entries of the message.dead_lettered events about ``message_id``, waited for
+    until there are ``n``."""
+    found: list[dict[str, Any]] = []
+
+    def recorded() -> bool:
+        entries = get_json(stack, "audit", "/audit", type="message.dead_lettered", limit=200)
+        found[:] = [e for e in entries["entries"] if e["data"].get("message_id") == message_id]
+        return len(found) >= n
+
+    wait_until(recorded, what=f"audit's records of the dead letters of {message_id}")
+    return found
+
+
 def _plan(stack: Stack, user_id: str) -> str:
     return str(get_json(stack, "identity", f"/users/{user_id}")["plan"])
 
@@ -80,6 +94,14 @@ def test_a_forged_payment_upgrades_nothing_and_the_real_one_does(shared_stack: S
     # the dead letter names no producer: guest is outside the stack's users
     assert h.PRODUCER not in letters[0].headers
     assert _plan(stack, user_id) == "free"
+    # each consumer announced its dead letter (message.dead_lettered may be published by every
+    # service's user, and audit's sender check lets it through): audit records both
+    told = {e["data"]["service"]: e for e in _announced(stack, forged.id, 2)}
+    assert sorted(told) == ["audit", "identity"]
+    for service, entry in told.items():
+        assert entry["source"] == f"/services/{service}"
+        assert (entry["data"]["reason"], entry["data"]["consumer"]) == (UNAUTHORIZED, service)
+    assert h.text(letters[0].headers[h.ANNOUNCEMENT]) == told["identity"]["event_id"]
 
     real = _payment(user_id)  # from the billing service's own user
     stack.publish("payment.succeeded.v1", real.to_bytes())

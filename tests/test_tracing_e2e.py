@@ -21,6 +21,7 @@ def _find(spans: list[ReceivedSpan], service: str, kind: str, name: str) -> list
 def test_one_sign_up_is_one_trace_with_the_correlation_id_and_no_pii(stack: Stack) -> None:
     with OtlpReceiver() as receiver:
         stack.otlp = receiver
+        stack.extra_env["TRIBUTARY_TRACE_SQL"] = "true"  # statement spans are opt-in
         stack.start()
         email = unique_email()
         cid = f"{CORRELATION}-{uuid.uuid4().hex[:6]}"

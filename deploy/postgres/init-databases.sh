@@ -4,7 +4,7 @@
 # <SERVICE>_DATABASE_URL in docker-compose.yml; services create their own tables (migrations).
 set -euo pipefail
 
-databases="${TRIBUTARY_DATABASES:-identity onboarding email audit notification billing}"
+databases="${TRIBUTARY_DATABASES:-identity onboarding email audit notification billing payment_provider}"
 
 for db in $databases; do
     exists="$(psql -v ON_ERROR_STOP=1 --no-psqlrc --tuples-only --no-align \

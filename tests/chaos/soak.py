@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tributary.email.settings import DEFAULT_CONCURRENCY
+
 from ..stack import SIGNUP_SERVICES, Stack
 from .check import Checker, Findings
 from .env import ChaosEnv, Injected, Say
@@ -197,7 +199,10 @@ async def _settle_and_check(checker: Checker, env: ChaosEnv, out: Outcome, say: 
         out.findings.problems.append(f"not quiescent after {timeout:.0f} s")
     say("checking the invariants")
     outages = sum(1 for i in out.injected if i.fault.kind == "db_outage")
-    found = await checker.check(out.load.accepted, env.kills.get("email", 0) + outages)
+    # a SIGKILL of email can catch every mail in flight (one per worker of its events queue)
+    # between "accepted by SMTP" and "marked sent"; a database outage one each
+    kills = env.kills.get("email", 0) * DEFAULT_CONCURRENCY
+    found = await checker.check(out.load.accepted, kills + outages)
     out.findings.counts.update(found.counts)
     out.findings.problems += found.problems
     out.findings.notes += found.notes

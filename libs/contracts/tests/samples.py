@@ -110,6 +110,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "reason": "activation_rejected",
         "refunded_at": "2026-01-05T09:00:00Z",
     },
+    "subscription.activation_rejected.v1": {
+        "payment_id": PAYMENT_ID,
+        "user_id": USER_ID,
+        "plan": "pro",
+        "reason": "already_subscribed",
+        "rejected_at": "2026-01-05T08:00:02Z",
+    },
     "subscription.cancelled.v1": {
         "subscription_id": "sub_0123456789",
         "user_id": USER_ID,
@@ -153,6 +160,21 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "list_unsubscribe_url": "https://notify.example.com/unsubscribe?token=u1.abc.def",
     },
     "notification.job.v1": {"job": "webhook_attempt", "ref": "wha_0123456789", "user_id": USER_ID},
+    "billing.saga.v1": {"step": "activation_timeout", "subscription_id": "sub_0123456789"},
+    "message.dead_lettered.v1": {
+        "service": "email",
+        "consumer": "email",
+        "queue": "email.events",
+        "dlq": "email.dlq",
+        "message_type": "user.created.v2",
+        "message_id": "3f1c9a52-7d0e-4c1b-9a77-2b8f5e0d4c11",
+        "correlation_id": "4b7e2a9c0d1f4e3a8b6c5d7e9f0a1b2c",
+        "reason": "retries_exhausted",
+        "exception": "HandlerTimeout",
+        "attempts": 9,
+        "error": "HandlerTimeout: handler took longer than 60 s",
+        "dead_lettered_at": "2026-01-09T12:00:00.123Z",
+    },
 }
 
 

@@ -48,6 +48,11 @@ def test_every_type_of_the_real_catalog_has_producers_it_knows() -> None:
     assert cat.type("user.created").producers == ("identity",)
     assert {"billing", "notification"} <= set(cat.services)
     assert "external" not in cat.services
+    assert "runtime" not in cat.services
+    # the runtime of every service dead-letters, so every service announces it
+    assert cat.type("message.dead_lettered").producers == cat.services
+    for service in cat.services:
+        assert "message.dead_lettered" in [s.name for s in cat.published_by(service)]
 
 
 def test_producers_of_each_kind() -> None:
@@ -85,11 +90,48 @@ def _edit(path: str, value: Any) -> dict[str, Any]:
         (_edit("external_producers/idle-app", "publishes nothing"), "may publish no type"),
         (_edit("external_producers/Bad Name", "x"), "must match"),
         (_edit("external_producers", ["comments-app"]), "must map"),
+        (_edit("external_producers/runtime", "x"), "must match"),
+        (
+            _edit("types/x.runtime", _type("event", "runtime", ["audit"], producers=["audit"])),
+            "no producers",
+        ),
+        (_edit("types/x.runtime", _type("command", "runtime", ["audit"])), "for events"),
+        (_edit("types/user.created/consumers", ["runtime"]), "cannot consume"),
     ],
 )
 def test_unknown_or_misplaced_producers_are_refused(raw: dict[str, Any], complaint: str) -> None:
     with pytest.raises(CatalogError, match=complaint):
         _parse(raw)
+
+
+def test_a_runtime_event_is_produced_by_every_service() -> None:
+    raw = _raw()
+    raw["types"]["message.dead_lettered"] = _type("event", "runtime", ["audit"])
+    cat = _parse(raw)
+    assert cat.type("message.dead_lettered").producers == cat.services
+    assert cat.services == ("audit", "email", "identity", "notification")
+    assert [s.name for s in cat.published_by("email")] == ["message.dead_lettered"]
+    assert "comments-app" not in cat.type("message.dead_lettered").producers
+
+
+def test_a_new_service_changes_no_runtime_events_producers_for_review(tmp_path: Path) -> None:
+    raw = _raw()
+    raw["types"]["message.dead_lettered"] = _type("event", "runtime", ["audit"])
+    old = _write(tmp_path / "old", raw)
+    grown = copy.deepcopy(raw)
+    grown["types"]["invoice.issued"] = _type("event", "invoicing", ["audit"])
+    new = _write(tmp_path / "new", grown)
+    assert "invoicing" in load_catalog(new).type("message.dead_lettered").producers
+    assert check_catalogs(old, new, upcaster_exists=lambda _t, _v: False) == []
+    # owned by one service after all: that is a change of who may publish it
+    owned = copy.deepcopy(raw)
+    owned["types"]["message.dead_lettered"]["owner"] = "audit"
+    findings = check_catalogs(
+        old, _write(tmp_path / "owned", owned), upcaster_exists=lambda _t, _v: False
+    )
+    assert [(f.type_name, f.rule) for f in findings] == [
+        ("message.dead_lettered", PRODUCERS_CHANGED)
+    ]
 
 
 def test_a_catalog_from_before_producers_still_parses() -> None:

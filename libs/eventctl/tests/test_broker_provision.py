@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import AMQPError, ChannelAccessRefused
 
 from tributary.eventctl.access import demo_password
+from tributary.eventctl.broker_commands import user_prefix
 from tributary.eventctl.cli import main_async
 from tributary.messaging.topology import Names, declare_exchanges, declare_queue_set
 from tributary.testkit.infra import Found
@@ -210,3 +211,25 @@ async def test_provision_makes_users_that_may_do_only_their_part_and_repairs_dri
     _ctl("import_definitions", "--format", "json", stdin=file.read_text(encoding="utf-8"))
     out = await _provision(rabbitmq, vhost, capsys)
     assert out.strip().splitlines() == [f"provisioned vhost {vhost}: 9 users, 0 change(s)"]
+
+
+async def test_provision_takes_the_services_user_prefix_from_the_environment(
+    rabbitmq: Found,
+    vhost: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the runbook's repair after `set -a; . var/eventctl.env; set +a` (make dev): the prefixed
+    # users the services log in as, never unprefixed ones beside them
+    monkeypatch.setenv("TRIBUTARY_BROKER_USER_PREFIX", f"{vhost}.")
+    args = ["broker", "provision", "--url", rabbitmq.url, "--vhost", vhost, "--name-prefix", ""]
+    assert await main_async(args) == 0
+    out = capsys.readouterr().out
+    assert f"user {vhost}.email: created" in out
+    assert "user email: " not in out
+    # --prefix still wins, and definitions never read the variable
+    assert user_prefix("x.") == "x."
+    assert user_prefix("") == ""
+    assert user_prefix(None) == f"{vhost}."
+    assert await main_async(["broker", "definitions", "--vhost", vhost, "--name-prefix", ""]) == 0
+    assert f'"{vhost}.email"' not in capsys.readouterr().out

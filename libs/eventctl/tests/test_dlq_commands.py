@@ -24,6 +24,7 @@ from tributary.messaging.bus import Bus
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.testing import (
     OutcomeRecorder,
+    announced_dead_letters,
     isolated_settings,
     publish_raw,
     read_queue,
@@ -295,6 +296,25 @@ async def test_a_replayed_message_that_fails_again_returns_with_fresh_failure_he
     )
     assert after.body == body_of(event)
     assert probe.handler.calls[-1].attempt == 1
+
+
+async def test_a_message_dead_lettered_again_after_a_replay_is_announced_again(
+    probe: Probe, consumer_engine: AsyncEngine
+) -> None:
+    [event_id] = await probe.dead_letter(user_created())
+    [before] = await read_queue(probe.settings.rabbitmq_url, probe.queues.dlq, ack=False)
+
+    assert await eventctl(probe.settings, "dlq", "replay", SERVICE) == 0  # still broken
+    await probe.outcomes.wait_until_handled(event_id, "dead_lettered", times=2)
+
+    [after] = await read_queue(probe.settings.rabbitmq_url, probe.queues.dlq, ack=False)
+    assert before.reason == after.reason == "handler_error"
+    first = headers.text(before.headers[headers.ANNOUNCEMENT])
+    assert headers.text(after.headers[headers.ANNOUNCED_BEFORE]) == first
+    second = headers.text(after.headers[headers.ANNOUNCEMENT])
+    told = await announced_dead_letters(consumer_engine)
+    assert [e.id for e in told] == [first, second]
+    assert [e.data["message_id"] for e in told] == [event_id, event_id]
 
 
 async def test_replay_stops_before_moving_anything_when_the_work_queue_is_gone(

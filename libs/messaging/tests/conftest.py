@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Field, SQLModel
 
+from tributary.contracts.envelope import CloudEvent
+from tributary.contracts.events import UserCreatedV2
+from tributary.messaging.bus import Bus
 from tributary.messaging.db import create_engine, create_runtime_tables
+from tributary.messaging.testing import OutcomeRecorder
+from tributary.messaging.uow import UnitOfWork
 from tributary.testkit.infra import Found, fresh_database
 
 
@@ -20,6 +26,29 @@ class Thing(SQLModel, table=True):
 
     event_id: str = Field(primary_key=True)
     user_id: str
+
+
+async def on_user_created(event: CloudEvent[UserCreatedV2], uow: UnitOfWork) -> None:
+    """The test handler: one ``Thing`` per event."""
+    uow.session.add(Thing(event_id=event.id, user_id=event.data.user_id))
+
+
+async def user_created_round_trip(bus: Bus, outcomes: OutcomeRecorder) -> None:
+    """Commit one ``user.created`` through ``bus``'s outbox and wait until it is handled."""
+    async with bus.unit_of_work() as uow:
+        event = uow.outbox.add(
+            UserCreatedV2(
+                user_id="usr_0123456789",
+                email="ada@example.com",
+                given_name="Ada",
+                family_name="Lovelace",
+                plan="free",
+                locale="en-GB",
+                created_at=datetime.now(UTC),
+            )
+        )
+        await uow.commit()
+    await outcomes.wait_until_handled(event.id)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

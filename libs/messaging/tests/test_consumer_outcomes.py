@@ -8,6 +8,7 @@ queue and the DLQ.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,6 +214,9 @@ _NOT_JSON = b"\xff\xfe{not json at all"
 _NOT_A_CLOUDEVENT = b'{"hello":"world","data":{}}'
 _UNKNOWN_TYPE = body_of(_unknown_version())
 _SCHEMA_INVALID = body_of(user_created(given_name=None))
+# valid for the typed model alone: refused by the schema's format and type
+_EMAIL_FORMAT = body_of(user_created(email="no-at-sign"))
+_TIME_AS_NUMBER = body_of(user_created(created_at=1767225600))
 
 
 @pytest.mark.parametrize(
@@ -222,6 +226,8 @@ _SCHEMA_INVALID = body_of(user_created(given_name=None))
         pytest.param(_NOT_A_CLOUDEVENT, "user.created.v2", "malformed", id="json-not-cloudevent"),
         pytest.param(_UNKNOWN_TYPE, "user.created.v9", "unknown_type", id="unknown-type"),
         pytest.param(_SCHEMA_INVALID, "user.created.v2", "schema_invalid", id="schema-invalid"),
+        pytest.param(_EMAIL_FORMAT, "user.created.v2", "schema_invalid", id="email-format"),
+        pytest.param(_TIME_AS_NUMBER, "user.created.v2", "schema_invalid", id="time-as-number"),
     ],
 )
 async def test_an_unhandleable_delivery_lands_in_the_dlq_unchanged(
@@ -285,6 +291,35 @@ async def test_a_transient_failure_that_heals_on_the_second_tier_is_processed_on
     # the third delivery knew of every earlier attempt (x-tributary-attempts travelled along)
     assert handled.calls[-1].context.attempt == failing_calls + 1
     assert await thing_ids(engine) == [event["id"]]
+
+
+async def test_a_retried_delivery_logs_the_exception_class_and_the_correlation_id(
+    engine: AsyncEngine,
+    broker_url: str,
+    settings: MessagingSettings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # what the runbook's TributaryConsumerErrorRate section reads: the WARNING line of a retry
+    handled = Handled()
+
+    async def on_user_created(event: UserCreated, uow: UnitOfWork) -> None:
+        if handled.record(event, uow) <= settings.inprocess_retries:
+            raise ConnectionError("database hiccup at alice@example.com")
+        write_thing(event, uow)
+
+    bus = Bus(SERVICE, engine, handlers={UserCreatedV2: on_user_created}, settings=settings)
+    event = user_created()
+    caplog.set_level(logging.WARNING, logger="tributary.messaging.consumer")
+    async with started_bus(bus) as outcomes:
+        await publish(broker_url, bus, event)
+        await outcomes.wait_until_handled(event["id"])
+
+    assert outcomes_of(outcomes, event["id"]) == ["retried", "processed"]
+    [line] = [r for r in caplog.records if getattr(r, "outcome", None) == "retried"]
+    assert line.getMessage() == f"retried {event['type']} on {SERVICE} (ConnectionError)"
+    assert line.__dict__["reason"] == "ConnectionError"
+    assert line.__dict__["correlation_id"] == event["correlationid"]
+    assert "alice" not in line.getMessage()
 
 
 async def test_the_delivery_after_the_second_tier_carries_two_retries(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -38,12 +39,15 @@ from tributary.contracts import upcasting
 from tributary.contracts.catalog import NAMESPACE
 from tributary.contracts.envelope import CONTENT_TYPE, MAX_BODY_BYTES, CloudEvent
 from tributary.contracts.events import UserCreatedV2
+from tributary.contracts.validation import validate
 from tributary.messaging import headers
 from tributary.messaging.bus import Bus
+from tributary.messaging.deadletters import body_words
 from tributary.messaging.errors import DlqReason, PermanentError
 from tributary.messaging.testing import (
     DlqMessage,
     OutcomeRecorder,
+    announced_dead_letters,
     isolated_settings,
     queue_depth,
     read_queue,
@@ -294,6 +298,24 @@ class Harness:
                 if s.template.reason is not None:
                     assert copy.reason == s.template.reason, what
 
+    async def assert_announced(self) -> None:
+        """Every DLQ copy names its ``message.dead_lettered`` event, written once into the
+        outbox: valid, with the copy's reason, no word of the message's own text in its error.
+        """
+        announced = {e.id: e for e in await announced_dead_letters(self.engine)}
+        named = set()
+        for copy in self.dead.messages:
+            event_id = headers.text(copy.headers[headers.ANNOUNCEMENT])
+            named.add(event_id)
+            event = announced[event_id]
+            validate("message.dead_lettered.v1", event.data, "strict")
+            assert event.data["reason"] == copy.reason
+            assert event.data["consumer"] == self.bus.service
+            assert event.data["attempts"] == int(headers.text(copy.headers[headers.ATTEMPTS]))
+            words = {w.casefold() for w in re.findall(r"\w+", event.data["error"])}
+            assert not words & body_words(copy.body), (event.data["error"], copy.body[:200])
+        assert set(announced) == named, "an announcement of no dead letter"
+
 
 async def write_thing(event: UserCreated, uow: UnitOfWork) -> None:
     uow.session.add(Thing(event_id=event.id, user_id=event.data.user_id))
@@ -536,6 +558,7 @@ async def test_every_message_is_handled_or_dead_lettered_exactly_once(
     sent += await harness.send([[last]])  # the consumer is still consuming after all that
     handled = await harness.settle(sent)
     harness.assert_exactly_once(sent, handled)
+    await harness.assert_announced()
     assert await harness.producer.ready(harness.work_queue) == 0
 
 
@@ -559,6 +582,7 @@ async def test_parser_limits_are_malformed_and_their_neighbours_processed(
     sent = await harness.send([interleaved])
     handled = await harness.settle(sent)
     harness.assert_exactly_once(sent, handled)
+    await harness.assert_announced()
 
 
 def _deep_dict(depth: int) -> dict[str, Any]:
@@ -605,6 +629,7 @@ async def test_an_upcaster_that_raises_is_reported_as_upcast_failed(
     harness.assert_exactly_once(sent, handled)
     [copy] = harness.dead.of(sent[1].token)
     assert "TypeError" in headers.text(copy.headers[headers.ERROR])
+    await harness.assert_announced()
 
 
 TOUCHY = "Touchy"
@@ -658,6 +683,9 @@ async def test_an_unexpected_exception_dead_letters_that_message_alone(touchy: H
         if s.template.kind == "touchy":
             [copy] = touchy.dead.of(s.token)
             assert headers.text(copy.headers[headers.EXCEPTION]) == "TypeError"
+    await touchy.assert_announced()
+    reasons = [e.data["reason"] for e in await announced_dead_letters(touchy.engine)]
+    assert reasons == ["unexpected_error", "unexpected_error"]
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,11 @@ async def test_duplicates_and_dead_letters_show_in_the_metrics(
             base = {("service", "obs"), ("consumer", "obs")}
             assert samples[(consumed, frozenset(base | {("outcome", "duplicate")}))] == 1
             assert samples[(consumed, frozenset(base | {("outcome", "dead_lettered")}))] == 1
+            dead = "tributary_dead_letters_total"
+            assert samples[(dead, frozenset(base | {("reason", "malformed")}))] == 1
+            assert [k for k in samples if k[0] == dead] == [
+                (dead, frozenset(base | {("reason", "malformed")}))
+            ]
             assert samples[(consumed, frozenset(base | {("outcome", "processed")}))] >= 2
             dlq = bus.names.service_queues("obs", 2).dlq
             assert samples[("tributary_dlq_depth", frozenset({("queue", dlq)}))] == 1

@@ -22,11 +22,23 @@ from tributary.contracts.events import UserCreatedV2, WorkspaceCreatedV1
 from tributary.messaging.testing import OutcomeRecorder, delete_prefixed, isolated_settings
 from tributary.messaging.uow import UnitOfWork
 from tributary.observability.logs import JsonFormatter
+from tributary.observability.tracing import TRACE_SQL
 from tributary.service.app import ServiceSpec, UowDep, create_app
 from tributary.service.settings import ServiceSettings
 from tributary.testkit.infra import Found
 
 EMAIL = "ada.lovelace@example.com"
+HANDLED: list[tuple[str, trace.SpanContext, bool, str | None]] = []
+"""What each handler saw: event type, its current span's context, recording, correlation id."""
+
+
+def _seen(event_type: str) -> None:
+    from tributary.messaging import context
+
+    span = trace.get_current_span()
+    HANDLED.append(
+        (event_type, span.get_span_context(), span.is_recording(), context.current().correlation_id)
+    )
 
 
 class Settings(ServiceSettings):
@@ -34,6 +46,7 @@ class Settings(ServiceSettings):
 
 
 async def on_user_created(event: Event[UserCreatedV2], uow: UnitOfWork) -> None:
+    _seen(event.type)
     logging.getLogger("obs.test").info("making a workspace for %s", event.data.email)
     uow.outbox.add(
         WorkspaceCreatedV1(
@@ -46,7 +59,7 @@ async def on_user_created(event: Event[UserCreatedV2], uow: UnitOfWork) -> None:
 
 
 async def on_workspace_created(event: Event[WorkspaceCreatedV1], uow: UnitOfWork) -> None:
-    return None
+    _seen(event.type)
 
 
 def build(tmp_path: Path, broker: str) -> FastAPI:
@@ -110,9 +123,18 @@ def _parent(span: ReadableSpan) -> int | None:
 
 
 async def test_a_request_and_every_event_it_causes_form_one_trace(
-    app: FastAPI, exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+    app: FastAPI,
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
     from tributary.service.testing import running
+
+    monkeypatch.setenv(TRACE_SQL, "true")  # statement spans are opt-in
+    request.addfinalizer(SQLAlchemyInstrumentor().uninstrument)  # the process's other tests
 
     recorder = OutcomeRecorder()
     async with running(app) as client:
@@ -161,6 +183,101 @@ async def test_a_request_and_every_event_it_causes_form_one_trace(
     for span in spans:
         flat = json.dumps(dict(span.attributes or {}), default=str)
         assert EMAIL not in flat, f"PII in span {span.name}"
+
+
+async def _sign_up(app: FastAPI, headers: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Sign up, wait for the last handler; the outbox rows' trace context by routing key."""
+    from tributary.service.testing import running
+
+    recorder = OutcomeRecorder()
+    async with running(app) as client:
+        app.state.bus.listeners.append(recorder)
+        response = await client.post("/signup", headers=headers)
+        assert response.status_code == 201
+        await recorder.wait(
+            lambda: any(
+                r.outcome == "processed" and (r.event_type or "").endswith("workspace.created.v1")
+                for r in recorder.records
+            )
+        )
+        return await _trace_headers(app)
+
+
+async def _trace_headers(app: FastAPI) -> dict[str, dict[str, str]]:
+    from sqlmodel import select
+    from sqlmodel.ext.asyncio.session import AsyncSession
+
+    from tributary.messaging.db import OutboxRow
+
+    async with AsyncSession(app.state.engine) as session:
+        rows = (await session.exec(select(OutboxRow))).all()
+    return {row.routing_key: json.loads(row.trace_headers) for row in rows}
+
+
+async def test_an_unsampled_request_records_nothing_but_its_trace_id_still_travels(
+    tmp_path: Path, rabbitmq: Found, exporter: InMemorySpanExporter
+) -> None:
+    """A parent-based sampler downstream needs the trace id and the sampled=0 flag."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    HANDLED.clear()
+    app = build(tmp_path, rabbitmq.url)
+    try:
+        stored = await _sign_up(
+            app,
+            {
+                "X-Correlation-ID": "corr-unsampled",
+                "traceparent": f"00-{trace_id}-00f067aa0ba902b7-00",
+            },
+        )
+    finally:
+        bus = app.state.bus
+        qs = bus.names.service_queues("obs", len(bus.settings.retry_tiers))
+        await delete_prefixed(rabbitmq.url, bus.names, [qs.work, qs.dlq, *qs.retries])
+
+    assert not [
+        s.name for s in exporter.get_finished_spans() if f"{s.context.trace_id:032x}" == trace_id
+    ], "spans were recorded for a trace that is not sampled"
+    # the outbox rows of the request and of the handler carry the trace, flag 00
+    for routing_key in ("user.created.v2", "workspace.created.v1"):
+        version, tid, _span, flags = stored[routing_key]["traceparent"].split("-")
+        assert (version, tid, flags) == ("00", trace_id, "00"), routing_key
+    # each consumer continued it: same trace, not sampled, nothing recording, same correlation
+    assert sorted(t for t, *_ in HANDLED) == [
+        "com.tributary.user.created.v2",
+        "com.tributary.workspace.created.v1",
+    ]
+    for _, span_context, recording, correlation_id in HANDLED:
+        assert f"{span_context.trace_id:032x}" == trace_id
+        assert not span_context.trace_flags.sampled
+        assert not recording
+        assert correlation_id == "corr-unsampled"
+
+
+async def test_sql_statements_get_no_spans_unless_asked_for(
+    tmp_path: Path, rabbitmq: Found, exporter: InMemorySpanExporter
+) -> None:
+    app = build(tmp_path, rabbitmq.url)
+    try:
+        await _sign_up(app, {"X-Correlation-ID": "corr-no-sql"})
+    finally:
+        bus = app.state.bus
+        qs = bus.names.service_queues("obs", len(bus.settings.retry_tiers))
+        await delete_prefixed(rabbitmq.url, bus.names, [qs.work, qs.dlq, *qs.retries])
+    spans = exporter.get_finished_spans()
+    assert any(s.kind == SpanKind.CONSUMER for s in spans)
+    statements = {"db.statement", "db.query.text"}
+    assert not [s.name for s in spans if statements & set(s.attributes or {})]
+
+
+def test_the_sql_setting_is_a_boolean(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tributary.observability.tracing import sql_spans_enabled
+
+    for value, expected in (("", False), ("false", False), ("0", False), ("TRUE", True)):
+        monkeypatch.setenv(TRACE_SQL, value)
+        assert sql_spans_enabled() is expected
+    monkeypatch.setenv(TRACE_SQL, "sometimes")
+    with pytest.raises(ValueError, match=TRACE_SQL):
+        sql_spans_enabled()
 
 
 def test_json_logs_carry_the_context_and_mask_addresses() -> None:

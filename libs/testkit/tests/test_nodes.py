@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tributary.testkit.nodes import PostgresNode, RabbitNode, pids_mentioning
+from tributary.testkit.nodes import PostgresNode, RabbitCluster, RabbitNode, pids_mentioning
 from tributary.testkit.waiting import eventually, wait_until
 
 SYSTEM_PORTS = (5672, 5432)
@@ -118,6 +118,61 @@ async def test_a_rabbit_node_takes_connection_and_memory_faults(rabbit_node: Rab
         wait_until(lambda: rabbit_node.queues()[queue.name]["messages"] == 1, what="it arrived")
     finally:
         await connection.close()
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+async def test_a_rabbit_cluster_replicates_fails_over_and_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    cluster = RabbitCluster(tmp_path)
+    try:
+        cluster.start()
+        names = sorted(node.name for node in cluster.nodes)
+        assert len(set(cluster.urls)) == 3
+        assert not any(":5672/" in url for url in cluster.urls)
+        assert "rabbit@localhost" not in names
+        assert sorted(cluster.registered_in_epmd()) == [name.split("@")[0] for name in names]
+
+        queue = f"q-{uuid.uuid4().hex[:8]}"
+        connection = await aio_pika.connect(cluster.urls[0])
+        async with connection:
+            channel = await connection.channel()
+            await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
+            await channel.default_exchange.publish(_persistent(b"kept"), routing_key=queue)
+        replicas = cluster.quorum_queue(queue)
+        assert sorted(replicas["members"]) == sorted(replicas["online"]) == names
+
+        leader = cluster.leader(queue)
+        cluster.kill(leader)
+        assert not leader.pids()
+        survivor = next(node for node in cluster.nodes if node is not leader)
+        new_leader = wait_until(
+            lambda: cluster.quorum_queue(queue, via=survivor)["leader"] not in ("", leader.name),
+            what="a new leader",
+        )
+        assert new_leader
+        assert await asyncio.wait_for(_get_one(survivor.url, queue), 30) == b"kept"
+
+        cluster.restart(leader)
+        assert cluster.clustered()
+        await _publish_one(leader.url, queue, b"after")
+        assert await asyncio.wait_for(_get_one(survivor.url, queue), 30) == b"after"
+
+        cluster.pause(survivor)
+        assert {_state(pid) for pid in survivor.pids()} == {"T"}
+        cluster.resume(survivor)
+        assert "T" not in {_state(pid) for pid in survivor.pids()}
+    finally:
+        cluster.stop()
+    assert not any(pids_mentioning(str(node.base)) for node in cluster.nodes)
+    assert not any(node.base.exists() for node in cluster.nodes)
+    assert wait_until(lambda: not cluster.registered_in_epmd(), what="epmd to forget") is True
+    cluster.stop()  # again, as teardown will
 
 
 async def _select_one(url: str) -> int:

@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 
@@ -113,3 +114,60 @@ async def test_concurrent_appenders_on_postgres_extend_one_chain(
     async with sessions() as session:
         result = await chain.verify(session)
     assert (result.ok, result.entries) == (True, 12)
+
+
+@pytest.fixture
+async def sqlite_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
+    await upgrade(MIGRATIONS, url)
+    engine = create_engine(url)
+    yield engine
+    await engine.dispose()
+
+
+def chain_reads(engine: AsyncEngine) -> list[str]:
+    """The statements that read the chain's head, as they run."""
+    seen: list[str] = []
+
+    def before(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "audit_entries" in statement:
+            seen.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", before)
+    return seen
+
+
+async def test_a_transaction_reads_the_head_once_however_many_entries_it_appends(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    reads = chain_reads(sqlite_engine)
+    sessions = session_factory(sqlite_engine)
+    async with sessions() as session, session.begin():
+        for n in range(1, 6):
+            await chain.append(session, an_entry(n))
+        assert (await chain.head(session)).seq == 5
+    assert len(reads) == 1
+    async with sessions() as session:
+        result = await chain.verify(session)
+    assert (result.ok, result.entries) == (True, 5)
+
+
+async def test_the_next_transaction_reads_the_head_again_after_others_appended_or_a_rollback(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    sessions = session_factory(sqlite_engine)
+    async with sessions() as mine:
+        async with mine.begin():
+            await chain.append(mine, an_entry(1))
+        async with sessions() as other, other.begin():  # another replica appends in between
+            await chain.append(other, an_entry(2))
+        async with mine.begin():
+            assert (await chain.append(mine, an_entry(3))).seq == 3
+        transaction = await mine.begin()
+        await chain.append(mine, an_entry(4))
+        await transaction.rollback()  # that entry never was
+        async with mine.begin():
+            assert (await chain.append(mine, an_entry(5))).seq == 4
+    async with sessions() as session:
+        result = await chain.verify(session)
+    assert (result.ok, result.entries) == (True, 4)

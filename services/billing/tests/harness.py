@@ -223,6 +223,7 @@ async def billing_stack(
     hooks = f"http://127.0.0.1:{port}/webhooks/payments"
     provider_db = f"sqlite+aiosqlite:///{workdir / f'provider-{uuid.uuid4().hex[:6]}.db'}"
     qs = names.service_queues("billing", len(messaging.retry_tiers))
+    queues = [qs.work, qs.dlq, *qs.retries]
     try:
         async with (
             probed(broker_url, names) as probe,
@@ -232,6 +233,7 @@ async def billing_stack(
                 settings_for(database_url, provider_url or provider.url, **overrides), messaging
             )
             async with served(app, port=port) as url:
+                queues = app.state.bus.queue_names()  # the command queues too
                 tokens = TokenMinter()
                 app.state.test_tokens = tokens
                 app.state.auth = Verifier(tokens, tokens.settings)
@@ -243,4 +245,4 @@ async def billing_stack(
                     yield Stack(app, url, client, provider, recorder, names, broker_url, probe)
     finally:
         probe_queue = f"{names.prefix}probe.billing"
-        await delete_prefixed(broker_url, names, [probe_queue, qs.work, qs.dlq, *qs.retries])
+        await delete_prefixed(broker_url, names, [probe_queue, *queues])

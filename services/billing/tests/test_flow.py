@@ -76,9 +76,10 @@ async def test_a_paid_checkout_emits_payment_succeeded_once_and_activation_makes
             "SubscriptionRequested",
             "CheckoutCreated",
             "PaymentSucceeded",
+            "ActivationTimeoutScheduled",
             "ActivationConfirmed",
         ]
-        assert [s["version"] for s in shown["history"]] == [1, 2, 3, 4]
+        assert [s["version"] for s in shown["history"]] == [1, 2, 3, 4, 5]
 
         listed = await stack.client.get(
             "/subscriptions", params={"status": "active"}, headers=stack.tokens.member(user)
@@ -87,7 +88,7 @@ async def test_a_paid_checkout_emits_payment_succeeded_once_and_activation_makes
         assert (row["id"], row["user_id"], row["version"], row["payment_id"]) == (
             sub,
             user,
-            4,
+            5,
             payment_id,
         )
         revenue = (await stack.client.get("/revenue")).json()

@@ -42,8 +42,9 @@ async def test_each_event_reaches_each_projection_once_and_a_rebuild_matches_the
 
         async def settled() -> bool:
             async with stack.sessions() as session:
-                return len(await stack.billing.store.read_all(session)) == 9
+                return len(await stack.billing.store.read_all(session)) == 11
 
+        # 3 x (requested, checkout) + 2 x (paid, activation timeout scheduled) + declined
         await eventually(settled, what="three subscriptions, two paid and one declined")
         payment = (await stack.client.get(f"/subscriptions/{made[1]['id']}")).json()["payment_id"]
         await stack.deliver(activated(users[1], payment, "pro"), times=4)  # redelivered
@@ -51,12 +52,14 @@ async def test_each_event_reaches_each_projection_once_and_a_rebuild_matches_the
         async with stack.sessions() as session:
             everything = await stack.billing.store.read_all(session)
             head = await stack.billing.store.head(session)
-            assert len(everything) == 10
-            for name in ("subscriptions", "revenue"):
+            assert len(everything) == 12
+            for name in ("subscriptions", "revenue", "sagas"):
                 assert await stack.billing.projector.position_of(session, name) == head
         _, subscriptions = await live(stack, "subscriptions")
         revenue_table, revenue = await live(stack, "revenue")
+        _, sagas = await live(stack, "sagas")
         assert sorted(r["status"] for r in subscriptions) == ["active", "paid", "payment_failed"]
+        assert sorted(r["state"] for r in sagas) == ["awaiting_activation", "completed", "failed"]
         assert [(r["plan"], r["payments"], r["gross_cents"]) for r in revenue] == [
             ("pro", 1, 2900),
             ("starter", 1, 900),
@@ -69,6 +72,7 @@ async def test_each_event_reaches_each_projection_once_and_a_rebuild_matches_the
             await session.commit()
         assert (await live(stack, "revenue"))[1] == revenue
         assert (await live(stack, "subscriptions"))[1] == subscriptions
+        assert (await live(stack, "sagas"))[1] == sagas
 
         # rebuilt from the whole store into fresh tables: the same rows
         async with stack.sessions() as session:
@@ -78,8 +82,10 @@ async def test_each_event_reaches_each_projection_once_and_a_rebuild_matches_the
             built_revenue, _ = await stack.billing.projector.build(
                 session, "revenue", "proj_revenue_2"
             )
+            built_sagas, _ = await stack.billing.projector.build(session, "sagas", "proj_sagas_2")
             await session.commit()
         assert position == head
         assert await rows(stack, built) == subscriptions
         assert await rows(stack, built_revenue) == revenue
+        assert await rows(stack, built_sagas) == sagas
         assert revenue_table.name == "proj_revenue"  # the live table was left as it was

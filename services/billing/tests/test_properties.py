@@ -204,13 +204,15 @@ async def test_the_endpoint_never_fails_and_applies_nothing_unsigned(
     app = create_app(settings_for(sqlite_url, "http://127.0.0.1:9"), messaging)
     names = Names(messaging.name_prefix)
     qs = names.service_queues("billing", len(messaging.retry_tiers))
+    queues = [qs.work, qs.dlq, *qs.retries]
     try:
         async with served(app) as url:
+            queues = app.state.bus.queue_names()  # the saga's command queues too
             await asyncio.to_thread(_fuzz_endpoint, url)
             async with app.state.sessions() as session:
                 assert await app.state.billing.store.head(session) == 0
     finally:
-        await delete_prefixed(rabbitmq.url, names, [qs.work, qs.dlq, *qs.retries])
+        await delete_prefixed(rabbitmq.url, names, queues)
 
 
 # -- the aggregate -----------------------------------------------------------------------------
@@ -244,6 +246,7 @@ def decide(subscription: Subscription, command: tuple[Any, ...]) -> list[DomainE
             provider_payment_id=f"pi_{command[1]}",
             provider_event_id="e",
             paid_at=AT,
+            activation_due_at=AT,
         )
     if kind == "failed":
         return subscription.payment_failed(

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -23,7 +21,6 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tributary.contracts.envelope import new_event
 from tributary.contracts.events import UserCreatedV2, UserEmailChangedV1
-from tributary.email.app import create_app
 from tributary.email.handlers import (
     Delivery,
     RecipientNotYetKnown,
@@ -31,47 +28,16 @@ from tributary.email.handlers import (
     on_user_email_changed,
 )
 from tributary.email.models import Recipient
-from tributary.messaging.db import create_engine, session_factory
+from tributary.messaging.db import create_engine
 from tributary.messaging.uow import UnitOfWork
 from tributary.service.migrations import alembic_config, upgrade
 from tributary.service.testing import FakeUnitOfWork
-from tributary.testkit.infra import create_postgres_database, drop_postgres_database
 
+from .conftest import MIGRATIONS
 from .test_handlers import FakeMailer, user_created
 from .test_racing_consumers import wait_for_a_lock_wait
 
-MIGRATIONS = Path(create_app.__code__.co_filename).parent / "migrations"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """The URL of an empty database brought to head by the email service's migrations."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'email.sqlite'}"
-        await upgrade(MIGRATIONS, url)
-        yield url
-        return
-    server = request.getfixturevalue("postgres").url
-    name = f"t_email_order_{uuid.uuid4().hex[:12]}"
-    url = await create_postgres_database(server, name)
-    try:
-        await upgrade(MIGRATIONS, url)
-        yield url
-    finally:
-        await drop_postgres_database(server, name)
-
-
-@pytest.fixture
-async def engine(database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return session_factory(engine)
 
 
 def a_user_id() -> str:

@@ -6,13 +6,9 @@ its own transaction, as the runtime handles them.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import inspect, text, update
@@ -22,7 +18,6 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tributary.contracts.envelope import CloudEvent, new_event
 from tributary.contracts.events import UserEmailChangedV1, UserErasedV1
-from tributary.email.app import create_app
 from tributary.email.handlers import (
     Delivery,
     address_hash,
@@ -33,44 +28,18 @@ from tributary.email.handlers import (
     on_user_erased,
 )
 from tributary.email.models import ERASED_ADDRESS, EmailRecord, Recipient, WelcomeSend
-from tributary.messaging.db import OutboxRow, create_engine, session_factory
+from tributary.messaging.db import OutboxRow
 from tributary.messaging.erasure import ErasedUser
 from tributary.messaging.testing import SweepRecorder
 from tributary.messaging.uow import UnitOfWork
-from tributary.service.migrations import upgrade
-from tributary.testkit.infra import create_postgres_database, drop_postgres_database
 
 from .test_handlers import FakeMailer, email_send, subscription_activated, user_created
 
-MIGRATIONS = Path(create_app.__code__.co_filename).parent / "migrations"
 KEY = b"test-address-key"
 ERASED = "usr_erase0123456789"
 KEPT = "usr_keep00123456789"
 FIRST = "Zelda.Quill@Example.com"
 SECOND = "zq.new@example.org"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    """An empty database brought to head by the email service's migrations."""
-    name = ""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'email.sqlite'}"
-    else:
-        server = request.getfixturevalue("postgres").url
-        name = f"t_email_erase_{uuid.uuid4().hex[:12]}"
-        url = await create_postgres_database(server, name)
-    await upgrade(MIGRATIONS, url)
-    engine = create_engine(url)
-    yield engine
-    await engine.dispose()
-    if name:
-        await drop_postgres_database(request.getfixturevalue("postgres").url, name)
-
-
-@pytest.fixture
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return session_factory(engine)
 
 
 class Service:

@@ -1,24 +1,46 @@
+"""Claims: the logical email is claimed in a transaction of its own, committed before SMTP.
+
+Each delivery runs as the runtime runs it (its own transaction, committed after the handler),
+on databases made by the service's migrations, SQLite and PostgreSQL alike, against a real
+SMTP server where it matters.
+"""
+
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from email.message import EmailMessage
+from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlmodel import SQLModel, select
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tributary.email.handlers import Delivery, on_user_created
-from tributary.email.models import EmailRecord
-from tributary.messaging.db import RUNTIME_TABLES, create_engine, session_factory
+from tributary.contracts.envelope import CloudEvent
+from tributary.email.handlers import (
+    ClaimHeld,
+    Delivery,
+    on_email_send,
+    on_user_created,
+    on_user_erased,
+)
+from tributary.email.mailer import Mailer, SmtpError
+from tributary.email.models import ERASED_ADDRESS, EmailRecord, message_id_for
+from tributary.messaging.db import create_engine, session_factory
+from tributary.messaging.testing import SweepRecorder
 from tributary.messaging.uow import UnitOfWork
-from tributary.testkit.infra import Found, create_postgres_database, drop_postgres_database
 from tributary.testkit.waiting import eventually
 
-from .test_handlers import user_created
+from .smtp_server import Mailbox, smtp_server
+from .test_erasure import erased
+from .test_handlers import email_send, user_created
+
+FROM = "no-reply@tributary.dev"
+Handler = Callable[[CloudEvent[Any], UnitOfWork, Delivery], Awaitable[None]]
 
 
 class GatedMailer:
@@ -28,28 +50,17 @@ class GatedMailer:
         self.started = asyncio.Event()
         self.release = asyncio.Event()
         self.sent: list[EmailMessage] = []
+        self.attempts = 0
 
     async def send(self, message: EmailMessage) -> None:
+        self.attempts += 1
         self.started.set()
         await self.release.wait()
         self.sent.append(message)
 
 
-@pytest.fixture
-async def engine(postgres: Found) -> AsyncIterator[AsyncEngine]:
-    name = f"t_email_{uuid.uuid4().hex[:12]}"
-    url = await create_postgres_database(postgres.url, name)
-    engine = create_engine(url)
-    names = ("emails", "recipients", "welcome_sends", "tributary_erased_users")
-    tables = [SQLModel.metadata.tables[t] for t in names] + RUNTIME_TABLES
-    async with engine.begin() as conn:
-        await conn.run_sync(lambda c: SQLModel.metadata.create_all(c, tables=tables))
-    yield engine
-    await engine.dispose()
-    await drop_postgres_database(postgres.url, name)
-
-
 async def wait_for_a_lock_wait(engine: AsyncEngine, timeout: float = 20.0) -> None:
+    """Until a PostgreSQL session of ``engine``'s database waits on a lock."""
     query = text(
         "SELECT count(*) FROM pg_stat_activity "
         "WHERE datname = current_database() AND wait_event_type = 'Lock'"
@@ -60,40 +71,206 @@ async def wait_for_a_lock_wait(engine: AsyncEngine, timeout: float = 20.0) -> No
             return bool((await conn.execute(query)).scalar_one())
 
     await eventually(
-        waiting_on_a_lock,
-        timeout=timeout,
-        what="the second consumer waiting on the first one's row",
-        poll=0.02,
+        waiting_on_a_lock, timeout=timeout, what="a session waiting on a lock", poll=0.02
     )
 
 
-async def test_two_consumers_racing_for_one_welcome_on_postgresql_send_it_once(
-    engine: AsyncEngine,
+async def handle(
+    sessions: async_sessionmaker[AsyncSession],
+    handler: Handler,
+    event: CloudEvent[Any],
+    delivery: Delivery,
+) -> None:
+    """One delivery as the runtime handles it: one transaction, committed after the handler."""
+    async with UnitOfWork(sessions(), "/services/email", sweeper=SweepRecorder()) as uow:
+        await handler(event, uow, delivery)
+        await uow.commit()
+
+
+async def until_handled(
+    sessions: async_sessionmaker[AsyncSession],
+    handler: Handler,
+    event: CloudEvent[Any],
+    delivery: Delivery,
+) -> None:
+    """Handle ``event``, retrying transient failures as the runtime's retries would."""
+    for _ in range(200):
+        try:
+            await handle(sessions, handler, event, delivery)
+            return
+        except (ClaimHeld, SmtpError):
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"{event.id} never handled")
+
+
+async def records(sessions: async_sessionmaker[AsyncSession]) -> list[EmailRecord]:
+    async with sessions() as session:
+        return list((await session.exec(select(EmailRecord))).all())
+
+
+async def test_a_fresh_claim_held_by_another_consumer_is_retried_not_sent(
+    sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     mailer = GatedMailer()
-    delivery = Delivery(mailer=mailer, from_address="no-reply@tributary.dev")
-    sessions = session_factory(engine)
-    async with (
-        UnitOfWork(sessions(), "/services/email") as first,
-        UnitOfWork(sessions(), "/services/email") as second,
-    ):
-        # the same user announced twice under two event ids: the inbox cannot tell them apart
-        sending = asyncio.create_task(on_user_created(user_created(), first, delivery))
-        await mailer.started.wait()
-        racing = asyncio.create_task(on_user_created(user_created(), second, delivery))
-        await wait_for_a_lock_wait(engine)  # the second blocks on the first's logical key
+    delivery = Delivery(mailer=mailer, from_address=FROM)
+    # the same user announced twice under two event ids: the inbox cannot tell them apart
+    sending = asyncio.create_task(handle(sessions, on_user_created, user_created(), delivery))
+    await mailer.started.wait()  # the first consumer's claim is committed, SMTP under way
+    [claimed] = await records(sessions)
+    assert (claimed.status, claimed.claimed_by is not None) == ("sending", True)
 
-        mailer.release.set()
-        await sending
-        await first.commit()
-        with pytest.raises(IntegrityError):
-            await racing
-        await second.rollback()
+    with pytest.raises(ClaimHeld):  # the second does not wait on a lock: it is retried later
+        await handle(sessions, on_user_created, user_created(), delivery)
+    assert mailer.attempts == 1
 
-        # the runtime retries the second delivery: it now finds the email and sends nothing
-        await on_user_created(user_created(), second, delivery)
-        await second.commit()
+    mailer.release.set()
+    await sending
+    await handle(sessions, on_user_created, user_created(), delivery)  # the retry: sent
+
+    assert len(mailer.sent) == mailer.attempts == 1
+    [record] = await records(sessions)
+    assert (record.status, record.claimed_at, record.claimed_by) == ("sent", None, None)
+
+
+async def test_concurrent_deliveries_never_send_a_logical_email_twice(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    mailbox = Mailbox()
+    workers = asyncio.Semaphore(8)  # the runtime's worker tasks
+    claims = create_engine(engine.url.render_as_string(hide_password=False))
+    async with smtp_server(mailbox) as port:
+        mailer = Mailer("127.0.0.1", port, timeout=5, connections=4)
+        delivery = Delivery(mailer=mailer, from_address=FROM)
+        delivery.claims.bind(session_factory(claims))  # as the app does
+
+        async def worker(command: CloudEvent[Any]) -> None:
+            async with workers:
+                await until_handled(sessions, on_email_send, command, delivery)
+
+        commands = [email_send(to=f"reader{n}@example.com") for n in range(12)]
+        # every command delivered four times at once (redeliveries, consumers racing)
+        await asyncio.gather(*(worker(command) for command in commands * 4))
+        await mailer.close()
+    await claims.dispose()
+
+    ids = Counter(str(m["Message-ID"]) for m in mailbox.messages)
+    assert sorted(ids) == sorted(message_id_for(f"send:{c.data.request_id}") for c in commands)
+    assert set(ids.values()) == {1}
+    assert {r.status for r in await records(sessions)} == {"sent"}
+    assert mailbox.connections <= 4
+
+
+async def test_accepted_but_not_marked_sent_is_resent_after_the_lease_with_the_same_message_id(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    mailbox = Mailbox()
+    lease = timedelta(seconds=1)
+    async with smtp_server(mailbox) as port:
+        mailer = Mailer("127.0.0.1", port, timeout=5)
+        dying = Delivery(mailer=mailer, from_address=FROM, claim_lease=lease)
+        event = user_created()
+        async with UnitOfWork(sessions(), "/services/email") as uow:
+            await on_user_created(event, uow, dying)
+            # the process dies here: the SMTP server has the mail, the transaction never commits
+        assert len(mailbox.messages) == 1
+        [claimed] = await records(sessions)
+        assert claimed.status == "sending"
+
+        restarted = Delivery(mailer=mailer, from_address=FROM, claim_lease=lease)
+        with pytest.raises(ClaimHeld):  # redelivered at once: the claim may still be alive
+            await handle(sessions, on_user_created, event, restarted)
+        assert len(mailbox.messages) == 1
+
+        async def handled_after_the_lease() -> bool:
+            try:
+                await handle(sessions, on_user_created, event, restarted)
+            except ClaimHeld:
+                return False
+            return True
+
+        await eventually(handled_after_the_lease, what="the stale claim taken over", timeout=10)
+        await handle(sessions, on_user_created, event, restarted)  # and never again
+        await mailer.close()
+
+    first, again = mailbox.messages
+    assert (
+        first["Message-ID"]
+        == again["Message-ID"]
+        == message_id_for(f"welcome:{event.data.user_id}")
+    )
+    [record] = await records(sessions)
+    assert record.status == "sent"
+
+
+async def test_a_failed_commit_retried_in_the_same_process_settles_without_resending(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    mailbox = Mailbox()
+    async with smtp_server(mailbox) as port:
+        mailer = Mailer("127.0.0.1", port, timeout=5)
+        delivery = Delivery(mailer=mailer, from_address=FROM)
+        command = email_send()
+        async with UnitOfWork(sessions(), "/services/email") as uow:
+            await on_email_send(command, uow, delivery)
+            # the commit fails (the database went away for a moment): rolled back
+        await handle(sessions, on_email_send, command, delivery)  # the runtime's retry
+        await mailer.close()
+
+    assert len(mailbox.messages) == 1
+    [record] = await records(sessions)
+    assert record.status == "sent"
+
+
+async def test_a_claim_left_by_a_crash_before_smtp_is_sent_once_after_the_lease(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    mailer = GatedMailer()
+    lease = timedelta(seconds=1)
+    delivery = Delivery(mailer=mailer, from_address=FROM, claim_lease=lease)
+    event = user_created()
+    dying = asyncio.create_task(handle(sessions, on_user_created, event, delivery))
+    await mailer.started.wait()
+    dying.cancel()  # SIGKILL before the SMTP server saw a byte
+    with pytest.raises(asyncio.CancelledError):
+        await dying
+    mailer.release.set()
+
+    await until_handled(sessions, on_user_created, event, delivery)
 
     assert len(mailer.sent) == 1
+    assert [r.status for r in await records(sessions)] == ["sent"]
+
+
+async def test_an_erased_users_claim_left_by_a_crash_is_anonymised_and_never_sent(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    mailer = GatedMailer()
+    delivery = Delivery(mailer=mailer, from_address=FROM, claim_lease=timedelta(seconds=1))
+    command = email_send(to="gone.person@example.com")
+    dying = asyncio.create_task(handle(sessions, on_email_send, command, delivery))
+    await mailer.started.wait()
+    dying.cancel()  # the claim stays behind
+    with pytest.raises(asyncio.CancelledError):
+        await dying
+    mailer.release.set()
+    user_id = "usr_gone0123456789"
+    async with sessions() as session:  # the email was for a user the erasure knows
+        [claimed] = (await session.exec(select(EmailRecord))).all()
+        claimed.user_id = user_id
+        session.add(claimed)
+        await session.commit()
+
+    await handle(sessions, lambda e, u, _d: on_user_erased(e, u), erased(user_id), delivery)
+    [record] = await records(sessions)
+    assert (record.status, record.to) == ("sending", ERASED_ADDRESS)
+
+    await until_handled(sessions, on_email_send, command, delivery)
+
+    assert mailer.sent == []
+    [record] = await records(sessions)
+    assert (record.status, record.to) == ("suppressed", ERASED_ADDRESS)
     async with sessions() as session:
-        assert [r.status for r in (await session.exec(select(EmailRecord))).all()] == ["sent"]
+        rows = await session.exec(
+            select(EmailRecord.to).where(col(EmailRecord.to) != ERASED_ADDRESS)
+        )
+        assert rows.all() == []

@@ -3,14 +3,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 from tributary.testkit.infra import Found
 
 from .support import Identity, identity_service, sign_up_body, unique_email
-from .test_handlers import payment_succeeded
+from .test_handlers import payment_succeeded, subscription_cancelled
 
 
 @pytest.fixture(scope="module")
@@ -269,9 +270,51 @@ async def test_a_payment_from_billing_activates_the_paid_plan(identity: Identity
     assert event["causationid"] == payment.id
 
 
-async def test_a_payment_for_an_unknown_user_is_dead_lettered(identity: Identity) -> None:
-    payment = payment_succeeded("usr_nobody000000", "pay_apitest0002")
-    await identity.publish(payment)
+async def test_billing_hears_why_identity_will_not_activate_and_a_cancellation_reverts(
+    identity: Identity,
+) -> None:
+    """The saga's side in identity, through the broker: an unknown user and a duplicate
+    purchase are rejected (``subscription.activation_rejected``, nothing dead-lettered); a
+    ``subscription.cancelled`` takes the plan back, and one for a payment not yet seen leaves
+    a tombstone that its late ``payment.succeeded`` cannot get past."""
 
-    [record] = await identity.outcomes.wait_until_handled(payment.id, "dead_lettered")
-    assert record.reason == "handler_error"
+    def rejection_of(payment_id: str) -> Callable[[dict[str, Any]], bool]:
+        return lambda e: (
+            e["type"].endswith("subscription.activation_rejected.v1")
+            and e["data"]["payment_id"] == payment_id
+        )
+
+    unknown = payment_succeeded("usr_nobody000000", "pay_apitest0002")
+    await identity.publish(unknown)
+    await identity.outcomes.wait_until_handled(unknown.id)
+    message = await identity.broker.wait_for(rejection_of("pay_apitest0002"))
+    event = json.loads(message.body)
+    assert (event["data"]["reason"], event["causationid"]) == ("unknown_user", unknown.id)
+
+    user = await identity.sign_up()
+    first = payment_succeeded(user["id"], "pay_apitest0003", plan="starter")
+    duplicate = payment_succeeded(user["id"], "pay_apitest0004", plan="starter")
+    for payment in (first, duplicate):
+        await identity.publish(payment)
+        await identity.outcomes.wait_until_handled(payment.id)
+    message = await identity.broker.wait_for(rejection_of("pay_apitest0004"))
+    assert json.loads(message.body)["data"]["reason"] == "already_subscribed"
+    assert (await identity.client.get(f"/users/{user['id']}")).json()["plan"] == "starter"
+
+    # billing compensated the first one (its activation came too late): the plan goes back
+    cancelled = subscription_cancelled(user["id"], "pay_apitest0003", "starter")
+    await identity.publish(cancelled)
+    await identity.outcomes.wait_until_handled(cancelled.id)
+    assert (await identity.client.get(f"/users/{user['id']}")).json()["plan"] == "free"
+    # cancelled before identity saw the payment: the payment activates nothing afterwards
+    early = subscription_cancelled(user["id"], "pay_apitest0005", "pro")
+    late = payment_succeeded(user["id"], "pay_apitest0005", plan="pro")
+    for event_ in (early, late):
+        await identity.publish(event_)
+        await identity.outcomes.wait_until_handled(event_.id)
+    assert (await identity.client.get(f"/users/{user['id']}")).json()["plan"] == "free"
+    activations = await identity.events(user["id"], "subscription.activated.v1")
+    assert [e["data"]["payment_id"] for e in activations] == ["pay_apitest0003"]
+    assert await identity.events(user["id"], "subscription.activation_rejected.v1") == [
+        json.loads(message.body)
+    ]

@@ -5,6 +5,7 @@ none dropped, even while a digest is being closed."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -301,12 +302,44 @@ async def closed(runner: Restartable, count: int = 1) -> None:
     await eventually(done, timeout=20, what=f"{count} digest(s) closed")
 
 
+async def mailed_once_each(runner: Restartable, user: str, expected: list[str]) -> int:
+    """Close every digest of ``user`` and check each mention is listed in exactly one digest mail
+    and no two digests were open at once; the number of digests.
+
+    A busy machine can take longer than the window to deliver the mentions: then the window
+    closes and the late ones open the next digest -- the right behaviour, so it is allowed here.
+    """
+
+    async def digests() -> list[Digest]:
+        async with runner.service.app.state.sessions() as session:
+            query = select(Digest).where(col(Digest.user_id) == user)
+            return list((await session.exec(query.order_by(col(Digest.opened_at)))).all())
+
+    await eventually(
+        lambda: _all_closed(digests), timeout=20, what="every digest of the user closed"
+    )
+    found = await digests()
+    for earlier, later in itertools.pairwise(found):
+        assert earlier.closed_at is not None
+        assert later.opened_at >= earlier.closed_at
+    emails = await runner.service.commands(expect=len(found))
+    links = [link for email in emails for link in listed(email)]
+    assert sorted(links) == sorted(expected), "a mention is missing or listed twice"
+    assert await staged(runner) == len(found)
+    return len(found)
+
+
+async def _all_closed(digests: Any) -> bool:
+    found = await digests()
+    return bool(found) and all(d.closed_at is not None for d in found)
+
+
 async def in_app(runner: Restartable, user: str) -> int:
     answer = await runner.service.client.get(f"/users/{user}/notifications", params={"limit": 100})
     return len(answer.json()["items"])
 
 
-async def test_twenty_mentions_redelivered_make_one_email_listing_them_all(
+async def test_twenty_mentions_redelivered_are_each_listed_once_in_the_digest_mails(
     app: Restartable,
 ) -> None:
     service = app.service
@@ -320,13 +353,9 @@ async def test_twenty_mentions_redelivered_make_one_email_listing_them_all(
         await service.handled(event, times=2)
     assert await in_app(app, user) == 20
 
-    await closed(app)
-    [email] = await service.commands(expect=1)
-    assert email["subject"] == "You were mentioned in 20 comments"
-    assert listed(email) == urls(20)
-    assert await staged(app) == 1
+    digests = await mailed_once_each(app, user, urls(20))  # one, unless the window passed
     metrics = (await service.client.get("/metrics")).text
-    assert 'tributary_notification_digests_total{outcome="sent"} 1.0' in metrics
+    assert f'tributary_notification_digests_total{{outcome="sent"}} {digests}.0' in metrics
     assert "tributary_notification_digest_mentions_sum 20.0" in metrics
 
 
@@ -344,17 +373,14 @@ async def test_several_consumers_at_once_make_one_digest(
         await service.deliver(user_created(user))
         await service.deliver(*mentions(user, 16))
         assert await in_app(runner, user) == 16
-        await closed(runner)
-        [email] = await service.commands(expect=1)
-        assert sorted(listed(email)) == sorted(urls(16))
-        assert await staged(runner) == 1
+        await mailed_once_each(runner, user, urls(16))
 
 
 async def test_a_restart_in_the_window_makes_one_digest_with_every_mention(
     database_url: str, rabbitmq: Found
 ) -> None:
     async with restartable(
-        database_url, rabbitmq.url, NOTIFICATION_DIGEST_WINDOW_SECONDS=3.0
+        database_url, rabbitmq.url, NOTIFICATION_DIGEST_WINDOW_SECONDS=8.0
     ) as runner:
         service = runner.service
         user = new_user()

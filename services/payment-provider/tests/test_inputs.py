@@ -53,7 +53,10 @@ def fuzz(url: str, checkout_id: str) -> None:
         @given(
             body=FIELDS | JSON,
             key=st.none()
-            | st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=210),
+            # HTTP trims a header value's outer spaces (the client refuses to send them)
+            | st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=210).map(
+                str.strip
+            ),
             path=st.sampled_from(paths),
         )
         def post(body: Any, key: str | None, path: str) -> None:

@@ -43,7 +43,7 @@ async def test_a_webhook_that_times_out_is_retried_and_one_never_answered_is_giv
     database_url: str, receiver: WebhookReceiver
 ) -> None:
     receiver.hang = [1.5]  # the first attempt outlives the 0.5 s timeout
-    receiver.answers = [200, 500, 500, 500, 500]
+    receiver.answers = [200]
     async with running_provider(
         database_url, receiver.url, PAYMENT_PROVIDER_WEBHOOK_TIMEOUT_SECONDS=0.5
     ) as provider:
@@ -58,6 +58,8 @@ async def test_a_webhook_that_times_out_is_retried_and_one_never_answered_is_giv
         [message] = await message_states(provider.sessions)
         assert (message.attempts, message.delivered_at is not None) == (2, True)
 
+        # the second message's answers only (a slow first attempt may have taken others)
+        receiver.answers = [500, 500, 500, 500, 500]
         second = await provider.checkout(reference="ref-given-up")
         await provider.pay(second["id"], "decline")
         await eventually(settled, what="the second message given up")

@@ -19,6 +19,9 @@ _VERSION = re.compile(r"[1-9][0-9]{0,8}")
 _PRODUCER_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 EXTERNAL = "external"
 """The ``owner`` of a type produced outside this repo; its ``producers`` name who."""
+RUNTIME = "runtime"
+"""The ``owner`` of an event the messaging runtime of every service produces (about the
+runtime itself, such as ``message.dead_lettered``): every service of the catalog is a producer."""
 
 
 class CatalogError(Exception):
@@ -60,7 +63,15 @@ class TypeSpec:
     versions: dict[int, VersionSpec] = field(default_factory=dict)
     producers: tuple[str, ...] = ()
     """Who may publish it: the owning service, the foreign producers of an ``external`` type,
-    or a command's ``senders``."""
+    every service for a ``runtime`` type, or a command's ``senders``."""
+    slots: int = 0
+    """Partition slots of its routing keys (``<type>.v<N>.s<slot>``), 0 when unpartitioned: a
+    type is partitioned when one of its consumers has partition queues (see
+    :class:`Partitioning`)."""
+
+    @property
+    def partitioned(self) -> bool:
+        return self.slots > 0
 
     @property
     def latest(self) -> VersionSpec:
@@ -71,11 +82,30 @@ class TypeSpec:
 
 
 @dataclass(frozen=True)
+class Partitioning:
+    """Per-entity ordering (the catalog's ``partitioning``): ``services`` maps each consumer
+    that opted in to its number of partition queues ``<service>.events.p<k>``.
+
+    Producers route every event of a type such a service consumes with the routing key
+    ``<type>.v<N>.s<slot>``, ``slot`` a stable hash of the event's partition key modulo
+    ``slots``; partition queue ``k`` binds the slots with ``slot % partitions == k``.
+    """
+
+    slots: int = 0
+    services: dict[str, int] = field(default_factory=dict)
+
+    def partitions(self, service: str) -> int:
+        """Partition queues of ``service``; 0 when it has one work queue."""
+        return self.services.get(service, 0)
+
+
+@dataclass(frozen=True)
 class Catalog:
     root: Path
     types: dict[str, TypeSpec]
     external_producers: dict[str, str] = field(default_factory=dict)
     """Producers outside this repo (name → description); each may publish only its types."""
+    partitioning: Partitioning = field(default_factory=Partitioning)
 
     def __iter__(self) -> Iterator[TypeSpec]:
         return iter(self.types.values())
@@ -171,6 +201,10 @@ def parse_catalog(root: Path, raw: dict[str, Any]) -> Catalog:
         except (KeyError, TypeError, ValueError) as exc:
             raise CatalogError(f"catalog entry {name!r} is malformed: {exc!r}") from exc
     services = set(_services(types.values()))
+    if reserved := sorted(
+        {c for spec in types.values() for c in spec.consumers} & {EXTERNAL, RUNTIME}
+    ):
+        raise CatalogError(f"{reserved} name no service: they cannot consume")
     if clash := sorted(services & external.keys()):
         raise CatalogError(f"external producer(s) {clash} have the name of a service")
     for name, spec in types.items():
@@ -179,12 +213,56 @@ def parse_catalog(root: Path, raw: dict[str, Any]) -> Catalog:
         )
     if idle := sorted(external.keys() - {p for spec in types.values() for p in spec.producers}):
         raise CatalogError(f"external producer(s) {idle} may publish no type; remove them")
-    return Catalog(root=root, types=types, external_producers=external)
+    partitioning = _partitioning(raw.get("partitioning"), services)
+    for name, spec in types.items():
+        # commands keep their own queue: only events reach a service's partition queues
+        if spec.kind == "event" and any(partitioning.partitions(c) for c in spec.consumers):
+            types[name] = _partitioned(spec, partitioning.slots, types)
+    return Catalog(root=root, types=types, external_producers=external, partitioning=partitioning)
+
+
+MAX_SLOTS = 1024
+"""Most partition slots: every partition queue binds its slots one by one."""
+
+
+def _partitioning(raw: object, services: set[str]) -> Partitioning:
+    """``partitioning: {slots: 32, services: {audit: 4}}``, checked."""
+    if raw is None:
+        return Partitioning()
+    if not isinstance(raw, dict) or set(raw) - {"slots", "services"}:
+        raise CatalogError("partitioning has 'slots' and 'services' (service: partitions)")
+    slots, opted = raw.get("slots"), raw.get("services") or {}
+    if type(slots) is not int or not 1 <= slots <= MAX_SLOTS:
+        raise CatalogError(f"partitioning.slots must be an integer from 1 to {MAX_SLOTS}")
+    if not isinstance(opted, dict):
+        raise CatalogError("partitioning.services maps each service to its partition count")
+    for service, count in opted.items():
+        if service not in services:
+            raise CatalogError(f"partitioning: {str(service)[:100]!r} is no service of the catalog")
+        if type(count) is not int or not 1 <= count <= slots:
+            raise CatalogError(
+                f"partitioning: {service!r} needs 1 to {slots} partitions (one per slot at most)"
+            )
+    return Partitioning(slots=slots, services=dict(opted))
+
+
+def _partitioned(spec: TypeSpec, slots: int, types: dict[str, TypeSpec]) -> TypeSpec:
+    """``spec`` with its slots; refused where a producer could not route by slot."""
+    where = f"catalog entry {spec.name!r}"
+    if spec.owner == EXTERNAL:
+        raise CatalogError(
+            f"{where}: its producers are outside this repo and do not add partition slots; "
+            "a service consuming it cannot be partitioned"
+        )
+    # "<type>.*.*" binds the slotted keys of unpartitioned consumers: no other type may match
+    if clash := sorted(other for other in types if other.startswith(f"{spec.name}.")):
+        raise CatalogError(f"{where}: type(s) {clash} extend its name; rename them to partition it")
+    return replace(spec, slots=slots)
 
 
 def _services(specs: Iterable[TypeSpec]) -> tuple[str, ...]:
     named = {spec.owner for spec in specs} | {c for spec in specs for c in spec.consumers}
-    return tuple(sorted(named - {EXTERNAL}))
+    return tuple(sorted(named - {EXTERNAL, RUNTIME}))
 
 
 def _names(entry: dict[str, Any], key: str) -> tuple[str, ...]:
@@ -202,7 +280,11 @@ def _external_producers(raw: object) -> dict[str, str]:
     if not isinstance(raw, dict):
         raise CatalogError("external_producers must map each name to a description")
     for name, description in raw.items():
-        if not isinstance(name, str) or not _PRODUCER_NAME.fullmatch(name) or name == EXTERNAL:
+        if (
+            not isinstance(name, str)
+            or not _PRODUCER_NAME.fullmatch(name)
+            or name in (EXTERNAL, RUNTIME)
+        ):
             raise CatalogError(
                 f"external producer name {str(name)[:100]!r} must match {_PRODUCER_NAME.pattern}"
             )
@@ -221,7 +303,14 @@ def _with_producers(
     event without ``producers`` by nobody.
     """
     where = f"catalog entry {spec.name!r}"
-    if spec.kind == "command":
+    if spec.owner == RUNTIME:
+        if spec.kind != "event" or "producers" in types_raw or "senders" in types_raw:
+            raise CatalogError(
+                f"{where}: owner {RUNTIME!r} is for events every service produces; it lists "
+                "no producers or senders"
+            )
+        producers, known, what = tuple(sorted(services)), services, "producer"
+    elif spec.kind == "command":
         if "producers" in types_raw:
             raise CatalogError(f"{where}: a command names its senders, not producers")
         producers = spec.producers if "senders" in types_raw else (spec.owner,)

@@ -29,7 +29,8 @@ One rule is not a break but a change someone must review (``severity`` ``review`
 publish a type decides the broker's permissions.
 
 ``producers_changed``               a type's producers (its owner, the foreign producers of an
-                                    external type, a command's senders) changed
+                                    external type, a command's senders) changed; a ``runtime``
+                                    event (every service produces it) only when its owner does
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tributary.contracts.catalog import Catalog, VersionSpec, load_catalog
+from tributary.contracts.catalog import RUNTIME, Catalog, VersionSpec, load_catalog
 
 PROPERTY_REMOVED = "property_removed"
 TYPE_CHANGED = "type_changed"
@@ -601,12 +602,16 @@ def producer_changes(old: Catalog, new: Catalog) -> list[Incompatibility]:
 
     Adding a producer lets one more broker user publish the type; removing one makes the
     broker refuse a producer that may still be running. Either way the broker definitions
-    must be regenerated and applied (``eventctl broker definitions|provision``).
+    must be regenerated and applied (``eventctl broker definitions|provision``). A ``runtime``
+    event's producers are every service: a service added or removed is not flagged once per
+    such event, only a change of its owner to or from ``runtime``.
     """
     findings: list[Incompatibility] = []
     for new_type in new:
         old_type = old.types.get(new_type.name)
         if old_type is None or set(old_type.producers) == set(new_type.producers):
+            continue
+        if old_type.owner == new_type.owner == RUNTIME:
             continue
         added = sorted(set(new_type.producers) - set(old_type.producers))
         removed = sorted(set(old_type.producers) - set(new_type.producers))

@@ -33,6 +33,8 @@ _NOT_ALLOWED_IN_STRINGS = re.compile(
 )
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _INT32 = range(-(2**31), 2**31)
+_SEQUENCE = re.compile(r"0|[1-9][0-9]{0,17}")
+"""The ``sequence`` extension: a non-negative decimal integer below 10**18, as a string."""
 
 D = TypeVar("D")
 
@@ -79,6 +81,20 @@ class CloudEvent(BaseModel, Generic[D]):
         return self.type[len(prefix) :] if self.type.startswith(prefix) else self.type
 
     @property
+    def partitionkey(self) -> str | None:
+        """The CloudEvents ``partitionkey`` extension: the entity the event is about."""
+        value = (self.model_extra or {}).get("partitionkey")
+        return value if isinstance(value, str) else None
+
+    @property
+    def sequence(self) -> int | None:
+        """The CloudEvents ``sequence`` extension as a number (checked by :func:`parse_event`)."""
+        value = (self.model_extra or {}).get("sequence")
+        if isinstance(value, str) and _SEQUENCE.fullmatch(value):
+            return int(value)
+        return None
+
+    @property
     def inbox_key(self) -> str:
         """The idempotency key consumers deduplicate on."""
         return self.idempotencykey or f"{self.type}:{self.id}"
@@ -116,9 +132,27 @@ def new_event(
     causationid: str | None = None,
     event_id: str | None = None,
     time: datetime | None = None,
+    partitionkey: str | None = None,
+    sequence: int | None = None,
 ) -> CloudEvent[D]:
-    """A new event of ``routing_key`` (``user.created.v1``) with a fresh id and time."""
+    """A new event of ``routing_key`` (``user.created.v1``) with a fresh id and time.
+
+    ``partitionkey`` and ``sequence`` set the CloudEvents extensions of the same names (the
+    sequence as a decimal string, 0 to 10**18 - 1).
+    """
+    extensions: dict[str, str] = {}
+    if partitionkey is not None:
+        if not 0 < len(partitionkey) <= MAX_ID_LENGTH or _NOT_ALLOWED_IN_STRINGS.search(
+            partitionkey
+        ):
+            raise ValueError(f"a partition key is 1 to {MAX_ID_LENGTH} printable characters")
+        extensions["partitionkey"] = partitionkey
+    if sequence is not None:
+        if type(sequence) is not int or not _SEQUENCE.fullmatch(str(sequence)):
+            raise ValueError("a sequence is an integer from 0 to 10**18 - 1")
+        extensions["sequence"] = str(sequence)
     return CloudEvent[D](
+        **extensions,
         id=event_id or str(uuid.uuid4()),
         type=f"{NAMESPACE}.{routing_key}",
         source=source,
@@ -231,6 +265,16 @@ def _check_attribute(name: str, value: Any) -> None:
     elif not _EXTENSION_NAME.fullmatch(name):
         raise MalformedEvent(
             f"not a CloudEvent: extension name {name[:40]!r} is not lower-case a-z and 0-9"
+        )
+    elif name == "partitionkey" and not (
+        isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
+    ):
+        raise MalformedEvent(
+            f"not a CloudEvent: partitionkey must be a string of 1 to {MAX_ID_LENGTH} characters"
+        )
+    elif name == "sequence" and not (isinstance(value, str) and _SEQUENCE.fullmatch(value)):
+        raise MalformedEvent(
+            "not a CloudEvent: sequence must be a decimal string from 0 to 10**18 - 1"
         )
     elif isinstance(value, int) and not isinstance(value, bool) and value not in _INT32:
         raise MalformedEvent(f"not a CloudEvent: {name}: integer out of the 32-bit range")

@@ -154,6 +154,19 @@ class SubscriptionActivatedV1(Payload):
     activated_at: Timestamp
 
 
+class SubscriptionActivationRejectedV1(Payload):
+    """Identity will not activate the plan a payment paid for (billing refunds it)."""
+
+    event_type: ClassVar[str] = "subscription.activation_rejected"
+    version: ClassVar[int] = 1
+
+    payment_id: PaymentId
+    user_id: UserId
+    plan: PaidPlan
+    reason: Literal["unknown_user", "already_subscribed"]
+    rejected_at: Timestamp
+
+
 class WorkspaceCreatedV1(Payload):
     """The first workspace of a new user was created."""
 
@@ -325,6 +338,47 @@ class NotificationJobV1(Payload):
     user_id: UserId | None = None
 
 
+class BillingSagaV1(Payload):
+    """Command: one step of a subscription's saga, billing to itself when it is due."""
+
+    event_type: ClassVar[str] = "billing.saga"
+    version: ClassVar[int] = 1
+
+    step: Literal["activation_timeout", "refund"]
+    subscription_id: SubscriptionId
+
+
+QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,255}$")]
+RoutingKey = Annotated[
+    str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}(\.[a-z][a-z0-9_]{0,63}){0,7}\.v[1-9][0-9]{0,8}$")
+]
+SafeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")]
+"""An id as the runtime reports it: letters, digits and ``._:-`` (no address, no spaces)."""
+
+
+class MessageDeadLetteredV1(Payload):
+    """A service's runtime dead-lettered a message (no payload, no personal data)."""
+
+    event_type: ClassVar[str] = "message.dead_lettered"
+    version: ClassVar[int] = 1
+
+    service: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
+    consumer: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,199}$")]
+    queue: QueueName
+    dlq: QueueName
+    message_type: RoutingKey | None = None
+    """The routing key (``user.created.v2``) of the dead-lettered message."""
+    message_id: SafeId | None = None
+    """The CloudEvent id of the dead-lettered event (or the message id of a delivery that was
+    not one)."""
+    correlation_id: SafeId | None = None
+    reason: Annotated[str, Field(pattern=r"^[a-z][a-z_]{0,39}$")]
+    exception: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,99}$")] | None = None
+    attempts: Annotated[int, Field(ge=0, le=2**31 - 1)]
+    error: Annotated[str, Field(max_length=500)]
+    dead_lettered_at: Timestamp
+
+
 PAYLOAD_TYPES: dict[str, type[Payload]] = {
     model.routing_key: model
     for model in (
@@ -335,6 +389,7 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
         RoleChangedV1,
         ApiKeyRevokedV1,
         SubscriptionActivatedV1,
+        SubscriptionActivationRejectedV1,
         WorkspaceCreatedV1,
         EmailSentV1,
         EmailFailedV1,
@@ -347,6 +402,8 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
         AuditCheckpointV1,
         EmailSendV1,
         NotificationJobV1,
+        BillingSagaV1,
+        MessageDeadLetteredV1,
     )
 }
 """Every payload model, by routing key (``user.created.v1``)."""

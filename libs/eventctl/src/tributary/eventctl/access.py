@@ -94,7 +94,9 @@ def _alternatives(patterns: Iterable[str]) -> str:
     return f"^(?:{'|'.join(unique)})$" if unique else NOTHING
 
 
-def _own_queues(names: Names, service: str, consumed: Iterable[TypeSpec]) -> list[str]:
+def _own_queues(
+    names: Names, service: str, consumed: Iterable[TypeSpec], *, partitioned: bool = False
+) -> list[str]:
     """Regexes of the queues ``service`` declares (topology.Names): its event queue set when it
     subscribes to any event, one command queue set per command it handles."""
     specs = list(consumed)
@@ -102,6 +104,8 @@ def _own_queues(names: Names, service: str, consumed: Iterable[TypeSpec]) -> lis
     if any(spec.kind == "event" for spec in specs):
         base = re.escape(f"{names.prefix}{service}")
         patterns.append(rf"{base}\.(?:events|dlq|retry\.[0-9]+)")
+        if partitioned:  # <service>.events.p<k> and its tiers <service>.events.p<k>.retry.<n>
+            patterns.append(rf"{base}\.events\.p[0-9]+(?:\.retry\.[0-9]+)?")
     for spec in specs:
         if spec.kind == "command":
             base = re.escape(f"{names.prefix}{spec.name}")
@@ -110,20 +114,34 @@ def _own_queues(names: Names, service: str, consumed: Iterable[TypeSpec]) -> lis
 
 
 def _routing_keys(specs: Iterable[TypeSpec]) -> str:
-    """Topic ``write``: ``<type>.v<N>`` of exactly these types."""
-    return _alternatives(rf"{re.escape(spec.name)}\.v[0-9]+" for spec in specs)
+    """Topic ``write``: ``<type>.v<N>`` of exactly these types (``<type>.v<N>.s<slot>`` for a
+    partitioned type)."""
+    return _alternatives(
+        rf"{re.escape(spec.name)}\.v[0-9]+{_SLOT if spec.partitioned else ''}" for spec in specs
+    )
 
 
 def _binding_keys(specs: Iterable[TypeSpec]) -> str:
-    """Topic ``read``: the binding keys a consumer uses (``<type>.*``, or one version)."""
-    return _alternatives(rf"{re.escape(spec.name)}\.(?:\*|v[0-9]+)" for spec in specs)
+    """Topic ``read``: the binding keys a consumer uses (``<type>.*``, or one version; for a
+    partitioned type also ``<type>.*.*`` and ``<type>.*.s<slot>``)."""
+    return _alternatives(
+        rf"{re.escape(spec.name)}\.(?:\*|v[0-9]+){_SLOT_BINDING if spec.partitioned else ''}"
+        for spec in specs
+    )
+
+
+_SLOT = r"(?:\.s[0-9]+)?"
+"""The slot word a producer appends to a partitioned type's routing key."""
+_SLOT_BINDING = r"(?:\.(?:\*|s[0-9]+))?"
 
 
 def service_user(cat: Catalog, service: str, names: Names, user_prefix: str) -> BrokerUser:
     events, dlx = re.escape(names.exchange), re.escape(names.dlx)
     consumed = cat.consumed_by(service)
     published = cat.published_by(service)
-    queues = _own_queues(names, service, consumed)
+    queues = _own_queues(
+        names, service, consumed, partitioned=bool(cat.partitioning.partitions(service))
+    )
     # configure: Bus.start declares both exchanges (declare_exchanges, always) and its own
     # queues (declare_queue_set). Configure on the shared exchanges also allows deleting
     # them; services declare them non-passively, so this stays until provisioning owns them.

@@ -7,6 +7,7 @@ the catalog says it does (:mod:`tributary.eventctl.access`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,19 +34,26 @@ DEMO_WARNING = (
 )
 
 
-def _plan(args: argparse.Namespace, vhost: str) -> AccessPlan:
+def user_prefix(given: str | None) -> str:
+    """``broker provision``'s user prefix: --prefix, else the services'
+    ``TRIBUTARY_BROKER_USER_PREFIX`` (``make dev``'s ``var/eventctl.env`` sets it), so a repair
+    fixes the users the services log in as rather than creating unprefixed ones beside them."""
+    return given if given is not None else os.environ.get("TRIBUTARY_BROKER_USER_PREFIX", "")
+
+
+def _plan(args: argparse.Namespace, vhost: str, prefix: str) -> AccessPlan:
     name_prefix = broker_options(None, args.name_prefix).prefix
     return plan_access(
         catalog(),
         vhost=vhost,
-        user_prefix=args.prefix,
+        user_prefix=prefix,
         name_prefix=name_prefix,
     )
 
 
 def _definitions(args: argparse.Namespace) -> int:
     try:
-        plan = _plan(args, args.vhost)
+        plan = _plan(args, args.vhost, args.prefix or "")
         secrets = passwords(plan, from_env=args.passwords_from_env)
     except (CatalogError, AccessError) as exc:
         print(f"eventctl: {exc}", file=sys.stderr)
@@ -69,7 +77,7 @@ async def _provision(args: argparse.Namespace) -> int:
     url = broker_options(args.url, None).url
     vhost = args.vhost if args.vhost is not None else vhost_of(url)
     try:
-        plan = _plan(args, vhost)
+        plan = _plan(args, vhost, user_prefix(args.prefix))
         secrets = passwords(plan, from_env=args.passwords_from_env)
     except (CatalogError, AccessError) as exc:
         print(f"eventctl: {exc}", file=sys.stderr)
@@ -94,9 +102,10 @@ async def _provision(args: argparse.Namespace) -> int:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefix",
-        default="",
         metavar="P",
-        help="user name prefix, e.g. the vhost's name and a dot (user names are cluster-wide)",
+        help="user name prefix, e.g. the vhost's name and a dot (user names are cluster-wide; "
+        "default: none for definitions; for provision $TRIBUTARY_BROKER_USER_PREFIX, as the "
+        "services have it, or none)",
     )
     parser.add_argument(
         "--name-prefix",

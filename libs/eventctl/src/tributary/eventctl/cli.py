@@ -2,8 +2,9 @@
 
 Commands are grouped (``eventctl <group> <command>``): ``contracts check``, ``dlq list``,
 ``dlq replay``, ``dlq archive``, ``replay outbox``, ``queue show``, ``queue migrate``,
-``outbox parked``, ``outbox resend``, ``erase``, ``broker definitions`` and
-``broker provision``.
+``outbox parked``, ``outbox resend``, ``erase``, ``broker definitions``,
+``broker provision``, ``projections list``, ``projections rebuild``, ``publish``,
+``catalog``, ``k8s topology`` and ``k8s autoscaling``.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ from tributary.contracts.compat import (
 )
 from tributary.eventctl.audit import add_audit_commands
 from tributary.eventctl.broker_commands import add_broker_commands
+from tributary.eventctl.catalog_command import add_catalog_command
 from tributary.eventctl.commands import add_dlq_commands, add_replay_commands
 from tributary.eventctl.erase import add_erase_command
+from tributary.eventctl.k8s import add_k8s_commands
 from tributary.eventctl.outbox import add_outbox_commands
+from tributary.eventctl.projections import add_projections_commands
+from tributary.eventctl.publish import add_publish_command
 from tributary.eventctl.queue_commands import add_queue_commands
 
 Handler = Callable[[argparse.Namespace], int | Coroutine[Any, Any, int]]
@@ -127,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_erase_command(groups)
     add_audit_commands(groups)
     add_broker_commands(groups)
+    add_projections_commands(groups)
+    add_publish_command(groups)
+    add_catalog_command(groups)
+    add_k8s_commands(groups)
     return parser
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from tributary.eventctl.broker import (
     queues_for,
     redact,
 )
-from tributary.eventctl.entries import Selector
+from tributary.eventctl.entries import Selector, parse_instant
+from tributary.eventctl.progress import EXIT_INTERRUPTED, Interrupt, Pace, RateLimiter, bar
 from tributary.eventctl.replay import (
     DatabaseMissing,
     OutboxSelection,
@@ -72,11 +73,31 @@ async def _connected(options: BrokerOptions) -> AsyncIterator[AbstractConnection
 
 
 def _scope(args: argparse.Namespace) -> dlq.Scope:
-    return dlq.Scope(Selector.of(args.reason, args.type, args.id), args.limit)
+    selector = Selector.of(
+        args.reason,
+        args.type,
+        args.id,
+        since=args.since,
+        until=args.until,
+        correlation_ids=args.correlation_id,
+    )
+    return dlq.Scope(selector, args.limit)
 
 
 def _exit(counts: report.Counts) -> int:
+    if counts.interrupted:
+        return EXIT_INTERRUPTED
     return EXIT_INCOMPLETE if counts.failed or counts.unacked else EXIT_OK
+
+
+@contextmanager
+def _paced(args: argparse.Namespace, description: str) -> Iterator[Pace]:
+    """The job's progress bar, ``--rate`` and Ctrl-C flag, for the duration of the block."""
+    with (
+        Interrupt.on_sigint() as stop,
+        bar(description, no_progress=args.no_progress) as shown,
+    ):
+        yield Pace(shown, RateLimiter(args.rate), stop)
 
 
 @_guarded
@@ -102,9 +123,15 @@ async def _dlq_replay(args: argparse.Namespace) -> int:
     options = broker_options(args.url, args.prefix)
     queues = queues_for(args.name, options.prefix)
     async with _connected(options) as connection:
-        counts = await dlq.replay(
-            connection, queues, _scope(args), batch=args.batch, dry_run=args.dry_run
-        )
+        with _paced(args, f"replay {queues.dlq}") as pace:
+            counts = await dlq.replay(
+                connection,
+                queues,
+                _scope(args),
+                batch=args.batch,
+                dry_run=args.dry_run,
+                pace=pace,
+            )
     print(report.dlq_summary("replay", queues.dlq, queues.work, counts, dry_run=args.dry_run))
     return _exit(counts)
 
@@ -114,9 +141,16 @@ async def _dlq_archive(args: argparse.Namespace) -> int:
     options = broker_options(args.url, args.prefix)
     queues = queues_for(args.name, options.prefix)
     async with _connected(options) as connection:
-        counts = await dlq.archive(
-            connection, queues.dlq, _scope(args), args.to, batch=args.batch, dry_run=args.dry_run
-        )
+        with _paced(args, f"archive {queues.dlq}") as pace:
+            counts = await dlq.archive(
+                connection,
+                queues.dlq,
+                _scope(args),
+                args.to,
+                batch=args.batch,
+                dry_run=args.dry_run,
+                pace=pace,
+            )
     summary = report.dlq_summary("archive", queues.dlq, str(args.to), counts, dry_run=args.dry_run)
     print(summary)
     return _exit(counts)
@@ -130,15 +164,17 @@ async def _replay_outbox(args: argparse.Namespace) -> int:
     engine = database_engine(args.database)
     try:
         async with _connected(options) as connection:
-            counts = await replay_outbox(
-                engine,
-                connection,
-                target,
-                selection,
-                force=args.force,
-                batch=args.batch,
-                dry_run=args.dry_run,
-            )
+            with _paced(args, f"replay -> {target}") as pace:
+                counts = await replay_outbox(
+                    engine,
+                    connection,
+                    target,
+                    selection,
+                    force=args.force,
+                    batch=args.batch,
+                    dry_run=args.dry_run,
+                    pace=pace,
+                )
     finally:
         await engine.dispose()
     print(report.outbox_summary(selection.types, target, counts, dry_run=args.dry_run))
@@ -160,6 +196,26 @@ def _iso_time(value: str) -> Any:
         return parse_time(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {value!r}") from None
+
+
+def dlq_time(value: str) -> Any:
+    """``--since``/``--until`` of the dlq commands: ISO 8601, aware UTC (no offset: UTC)."""
+    moment = parse_instant(value)
+    if moment is None:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time (2026-01-09, 2026-01-09T12:00:00Z): {value[:80]!r}"
+        )
+    return moment
+
+
+def _rate(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value[:80]!r}") from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {value[:80]}")
+    return number
 
 
 def _broker_arguments() -> argparse.ArgumentParser:
@@ -185,7 +241,8 @@ def _filter_arguments() -> argparse.ArgumentParser:
         action="append",
         metavar="R",
         help="DLQ reason: handler_error, retries_exhausted, schema_invalid, malformed, "
-        "unknown_type, idempotency_conflict, delivery_limit (set by the broker)",
+        "unknown_type, upcast_failed, unauthorized_producer, idempotency_conflict, "
+        "unexpected_error, delivery_limit",
     )
     group.add_argument(
         "--type",
@@ -194,14 +251,51 @@ def _filter_arguments() -> argparse.ArgumentParser:
         help="event type: user.created (any version), user.created.v1 or its CloudEvents type",
     )
     group.add_argument("--id", nargs="+", action="extend", metavar="ID", help="message (event) ids")
+    group.add_argument(
+        "--correlation-id",
+        nargs="+",
+        action="extend",
+        metavar="ID",
+        help="correlation ids (one request's messages)",
+    )
+    group.add_argument(
+        "--since",
+        type=dlq_time,
+        metavar="ISO",
+        help="dead-lettered at or after this ISO 8601 time (no offset: UTC); by the "
+        "runtime's x-tributary-last-failure header, else the broker's x-death time",
+    )
+    group.add_argument(
+        "--until", type=dlq_time, metavar="ISO", help="dead-lettered before this time"
+    )
     group.add_argument("--limit", type=_positive, metavar="N", help="act on at most N messages")
     return filters
 
 
+INTERRUPT_NOTE = (
+    " A progress bar (count, rate, ETA) is drawn on stderr when it is a terminal. Ctrl-C "
+    "stops cleanly: the publishes (or archive writes) under way finish, nothing new starts, "
+    "the counts so far are printed and the exit code is 130; run it again for the rest."
+)
+
+
 def _change_arguments(parser: argparse.ArgumentParser, *, batch_help: str) -> None:
+    if parser.description:
+        parser.description += INTERRUPT_NOTE
     parser.add_argument("--batch", type=_positive, default=100, metavar="N", help=batch_help)
     parser.add_argument(
         "--dry-run", action="store_true", help="only count what would be done; change nothing"
+    )
+    parser.add_argument(
+        "--rate",
+        type=_rate,
+        metavar="N",
+        help="at most N messages per second (default: as fast as the confirms come)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (there is none when stderr is not a terminal)",
     )
 
 

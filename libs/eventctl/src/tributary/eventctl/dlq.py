@@ -22,6 +22,7 @@ from tributary.eventctl.access import OPERATOR
 from tributary.eventctl.archive import ArchiveFile, record
 from tributary.eventctl.broker import HeldReader, require_queue
 from tributary.eventctl.entries import DlqEntry, Selector, original_routing_key
+from tributary.eventctl.progress import Pace, Stopped
 from tributary.eventctl.report import Counts
 from tributary.messaging import headers as h
 from tributary.messaging.publisher import Publisher
@@ -31,6 +32,7 @@ from tributary.messaging.topology import QueueSet
 # what the runtime adds when it gives up on a message: a replayed copy starts afresh
 FAILURE_HEADERS = frozenset(
     {h.REASON, h.ERROR, h.CONSUMER, h.ATTEMPTS, h.RETRIES, h.FIRST_FAILURE, h.LAST_FAILURE}
+    | {h.ANNOUNCEMENT}
 )
 
 Identity = tuple[str, str]
@@ -70,7 +72,8 @@ def replay_copy(
     user_prefix: str = "",
     trusted: Mapping[str, str | None] | None = None,
 ) -> aio_pika.Message:
-    """The original body and properties, without the failure and broker headers.
+    """The original body and properties, without the failure and broker headers (naming
+    the announcement of the dead-lettering it replays, :data:`h.ANNOUNCED_BEFORE`).
 
     With ``trusted`` (see :func:`dlq_trust`), the copy names the message's producer as the
     consumer's sender check computes it: a producer header put into the DLQ by anyone but
@@ -81,6 +84,9 @@ def replay_copy(
     drop = set(FAILURE_HEADERS)
     if h.ROUTING_KEY not in (message.headers or {}) and (key := original_routing_key(message)):
         extra[h.ROUTING_KEY] = key
+    if (announced := h.header(message, h.ANNOUNCEMENT)) is not None:
+        # failing again after the replay is a new dead letter, announced anew
+        extra[h.ANNOUNCED_BEFORE] = h.text(announced)[:200]
     if trusted is not None:
         producer = h.producer_of(message, prefix=user_prefix, trusted=trusted)
         if producer is None:
@@ -124,6 +130,7 @@ async def replay(
     batch: int,
     dry_run: bool,
     user_prefix: str | None = None,
+    pace: Pace | None = None,
 ) -> Counts:
     """Republish selected messages to ``queues.work``; ack each DLQ copy after its confirm.
 
@@ -137,7 +144,9 @@ async def replay(
     await publisher.open()
     try:
         async with HeldReader(connection, queues.dlq) as reader:
-            run = _Replay(reader, publisher, queues.work, batch, user_prefix, queues)
+            run = _Replay(
+                reader, publisher, queues.work, batch, user_prefix, queues, pace or Pace()
+            )
             await run.run(scope, dry_run=dry_run)
             return run.counts
     finally:
@@ -159,8 +168,10 @@ class _Replay:
         batch: int,
         user_prefix: str,
         queues: QueueSet,
+        pace: Pace,
     ) -> None:
         self.counts = Counts()
+        self._pace = pace
         self._user_prefix = user_prefix
         self._trusted = dlq_trust(queues, user_prefix)
         self._reader = reader
@@ -173,36 +184,48 @@ class _Replay:
         self._copies: list[AbstractIncomingMessage] = []
 
     async def run(self, scope: Scope, *, dry_run: bool) -> None:
-        counts = self.counts
+        counts, pace = self.counts, self._pace
         async for message in self._reader:
+            if pace.stopping:  # read, not started: handed back to the DLQ with the rest
+                break
+            pace.total(self._reader.total)
             counts.scanned += 1
             if not scope.selector.matches(DlqEntry.of(message)):
                 counts.skipped += 1
+                pace.advance()
                 continue
             counts.selected += 1
             key = identity(message)
             if key is not None and key in self._seen:
                 if dry_run:
                     counts.duplicate = (counts.duplicate or 0) + 1
+                    pace.advance()
                 else:
                     self._copies.append(message)
             else:
                 if key is not None:
                     self._seen.add(key)
-                if not dry_run:
+                if dry_run:
+                    pace.advance()
+                else:
                     self._originals.append(message)
             if len(self._originals) >= self._batch and not await self._flush():
+                counts.interrupted = pace.stopping
                 return
             if scope.full(counts):
                 break
         await self._flush()
+        counts.interrupted = pace.stopping
 
     async def _flush(self) -> bool:
         originals, copies = list(self._originals), list(self._copies)
         self._originals.clear()
         self._copies.clear()
         results = await asyncio.gather(*map(self._republish, originals), return_exceptions=True)
+        stopped = any(isinstance(r, Stopped) for r in results)
         for message, result in zip(originals, results, strict=True):
+            if isinstance(result, Stopped):
+                continue  # not started (Ctrl-C): it stays in the DLQ
             if isinstance(result, BaseException):
                 self.counts.failed += 1
                 print(
@@ -214,14 +237,17 @@ class _Replay:
             if identity(message) in self._confirmed:
                 self.counts.duplicate = (self.counts.duplicate or 0) + 1
                 await _remove(self._reader, message, self.counts)
-            else:
+                self._pace.advance()
+            elif not stopped and not self._pace.stopping:
                 self.counts.failed += 1
-        return not any(isinstance(r, BaseException) for r in results)
+        return not any(isinstance(r, BaseException) and not isinstance(r, Stopped) for r in results)
 
     async def _republish(self, message: AbstractIncomingMessage) -> None:
+        await self._pace.admit()
         copy = replay_copy(message, user_prefix=self._user_prefix, trusted=self._trusted)
         await self._publisher.publish("", self._target, copy)
         self.counts.republished += 1
+        self._pace.advance()
         if (key := identity(message)) is not None:
             self._confirmed.add(key)
         await _remove(self._reader, message, self.counts)
@@ -235,9 +261,13 @@ async def archive(
     *,
     batch: int,
     dry_run: bool,
+    pace: Pace | None = None,
 ) -> Counts:
-    """Append selected messages to ``path``; ack them once the file is fsynced."""
+    """Append selected messages to ``path``; ack them once the file is fsynced.
+
+    After Ctrl-C the messages read so far are written and removed, the rest stay."""
     counts = Counts(duplicate=None)
+    pace = pace or Pace()
     out = ArchiveFile(path)
     try:
         async with HeldReader(connection, dlq) as reader:
@@ -248,21 +278,35 @@ async def archive(
                 counts.archived += len(pending)
                 for message in pending:
                     await _remove(reader, message, counts)
+                pace.advance(len(pending))
                 pending.clear()
 
             async for message in reader:
-                counts.scanned += 1
+                if pace.stopping:
+                    break  # read, not archived: handed back to the DLQ with the rest
+                pace.total(reader.total)
                 if not scope.selector.matches(DlqEntry.of(message)):
+                    counts.scanned += 1
                     counts.skipped += 1
+                    pace.advance()
                     continue
-                counts.selected += 1
                 if not dry_run:
+                    try:
+                        await pace.admit()
+                    except Stopped:
+                        break
+                counts.scanned += 1
+                counts.selected += 1
+                if dry_run:
+                    pace.advance()
+                else:
                     pending.append(message)
                     if len(pending) >= batch:
                         await flush()
                 if scope.full(counts):
                     break
             await flush()
+            counts.interrupted = pace.stopping
     finally:
         out.close()
     return counts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -26,6 +26,27 @@ def type_matches(pattern: str, routing_key: str) -> bool:
         return True
     version = routing_key.removeprefix(f"{pattern}.v")
     return version != routing_key and version.isdigit()
+
+
+def parse_instant(value: object) -> datetime | None:
+    """An ISO 8601 time (``2026-01-09``, ``2026-01-09T12:00:00.123Z``, ``…+02:00``) as an
+    aware UTC time; a time without an offset is UTC. ``None`` for anything else: header
+    values are foreign input, whatever they hold this never raises."""
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str) and len(value) <= 64:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    try:
+        if moment.tzinfo is None or moment.utcoffset() is None:
+            return moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)
+    except (OverflowError, ValueError):  # an offset that leaves datetime's range
+        return None
 
 
 def _deaths(headers: dict[str, Any]) -> list[dict[str, Any]]:
@@ -108,6 +129,12 @@ class DlqEntry:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def dead_lettered_at(self) -> datetime | None:
+        """When it was dead-lettered: the runtime's last-failure header (or the broker's
+        x-death time), as aware UTC; ``None`` when neither holds a time."""
+        return parse_instant(self.last_failure)
+
 
 @dataclass(frozen=True)
 class Selector:
@@ -116,6 +143,11 @@ class Selector:
     reasons: frozenset[str] = frozenset()
     types: tuple[str, ...] = ()
     ids: frozenset[str] = frozenset()
+    since: datetime | None = None
+    """Dead-lettered at or after (aware UTC)."""
+    until: datetime | None = None
+    """Dead-lettered before (aware UTC)."""
+    correlation_ids: frozenset[str] = frozenset()
 
     @classmethod
     def of(
@@ -123,14 +155,36 @@ class Selector:
         reasons: Iterable[str] | None = None,
         types: Iterable[str] | None = None,
         ids: Iterable[str] | None = None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        correlation_ids: Iterable[str] | None = None,
     ) -> Selector:
-        return cls(frozenset(reasons or ()), tuple(types or ()), frozenset(ids or ()))
+        return cls(
+            frozenset(reasons or ()),
+            tuple(types or ()),
+            frozenset(ids or ()),
+            since,
+            until,
+            frozenset(correlation_ids or ()),
+        )
 
     def matches(self, entry: DlqEntry) -> bool:
         if self.reasons and entry.reason not in self.reasons:
             return False
         if self.ids and entry.message_id not in self.ids:
             return False
+        if self.correlation_ids and entry.correlation_id not in self.correlation_ids:
+            return False
+        if self.since is not None or self.until is not None:
+            # a message without a readable dead-letter time is outside every window
+            at = entry.dead_lettered_at
+            if at is None:
+                return False
+            if self.since is not None and at < self.since:
+                return False
+            if self.until is not None and at >= self.until:
+                return False
         if self.types:
             known = [k for k in (entry.type, entry.routing_key) if k]
             return any(type_matches(t, k) for t in self.types for k in known)

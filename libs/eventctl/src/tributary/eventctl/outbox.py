@@ -31,6 +31,7 @@ from tributary.eventctl.broker import broker_options, redact
 from tributary.eventctl.replay import DatabaseMissing, _app_id, database_engine
 from tributary.messaging.db import OutboxRow, session_factory, utcnow
 from tributary.messaging.errors import InfrastructureError
+from tributary.messaging.partitions import wire_routing_key
 from tributary.messaging.publisher import Publisher, PublishRefused
 from tributary.messaging.relay import outbox_message
 from tributary.messaging.topology import Names
@@ -107,7 +108,7 @@ async def resend(
             *(
                 publisher.publish(
                     exchange,
-                    row.routing_key,
+                    wire_routing_key(row.routing_key, row.body),  # a partitioned type: its slot
                     outbox_message(row, app_id=_app_id(row.body), headers=_trace_headers(row)),
                 )
                 for row in rows

@@ -26,6 +26,7 @@ from sqlmodel import col, select
 
 from tributary.eventctl.broker import require_queue
 from tributary.eventctl.entries import type_matches
+from tributary.eventctl.progress import Pace, Stopped
 from tributary.eventctl.report import Counts
 from tributary.messaging import headers as h
 from tributary.messaging.db import OutboxRow, create_engine, session_factory
@@ -110,12 +111,15 @@ async def replay_outbox(
     force: bool,
     batch: int,
     dry_run: bool,
+    pace: Pace | None = None,
 ) -> Counts:
     """Publish the selected published rows to the queue ``target``.
 
     Rows are read in commit order, but each batch's publishes are confirmed concurrently and
-    the consumer batches and retries: the target gets no ordering guarantee.
+    the consumer batches and retries: the target gets no ordering guarantee. After Ctrl-C
+    (``pace.stop``) the publishes under way are confirmed and no other is started.
     """
+    pace = pace or Pace()
     await require_queue(connection, target)
     counts = Counts(duplicate=None)
     sessions = session_factory(engine)
@@ -128,6 +132,24 @@ async def replay_outbox(
         counts.skipped = (await session.exec(counted.where(~published))).one()
     if dry_run or not counts.selected:
         return counts
+    pace.total(counts.selected)
+
+    async def send(row: OutboxRow) -> None:
+        await pace.admit()
+        await publisher.publish(
+            "",
+            target,
+            event_message(
+                row.body,
+                event_id=row.event_id,
+                routing_key=row.routing_key,
+                app_id=_app_id(row.body),
+                correlation_id=row.correlation_id,
+                timestamp=row.created_at,
+                headers=replay_headers(row.routing_key, force=force, producer=_app_id(row.body)),
+            ),
+        )
+        pace.advance()
 
     publisher = Publisher(connection, in_flight=batch)
     await publisher.open()
@@ -142,31 +164,17 @@ async def replay_outbox(
                     .limit(batch)
                 )
                 rows = (await session.exec(query)).all()
-            if not rows:
+            if not rows or pace.stopping:
+                counts.interrupted = pace.stopping
                 return counts
             results = await asyncio.gather(
-                *(
-                    publisher.publish(
-                        "",
-                        target,
-                        event_message(
-                            row.body,
-                            event_id=row.event_id,
-                            routing_key=row.routing_key,
-                            app_id=_app_id(row.body),
-                            correlation_id=row.correlation_id,
-                            timestamp=row.created_at,
-                            headers=replay_headers(
-                                row.routing_key, force=force, producer=_app_id(row.body)
-                            ),
-                        ),
-                    )
-                    for row in rows
-                ),
+                *(send(row) for row in rows),
                 return_exceptions=True,
             )
             for row, result in zip(rows, results, strict=True):
-                if isinstance(result, BaseException):
+                if isinstance(result, Stopped):
+                    counts.interrupted = True  # not started: a rerun replays it
+                elif isinstance(result, BaseException):
                     counts.failed += 1
                     print(
                         f"eventctl: {row.event_id} not replayed ({type(result).__name__}: "
@@ -175,7 +183,7 @@ async def replay_outbox(
                     )
                 else:
                     counts.republished += 1
-            if counts.failed:
+            if counts.failed or counts.interrupted:
                 return counts  # stop: a rerun repeats what went through, the inbox dedupes it
             after = rows[-1].seq or after
     finally:

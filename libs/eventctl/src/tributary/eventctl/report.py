@@ -22,6 +22,12 @@ class Counts:
     failed: int = 0
     unacked: int = 0
     """Republished or archived, but the DLQ copy could not be removed (it is still there)."""
+    interrupted: bool = False
+    """Stopped by Ctrl-C: what was in flight finished, the rest was not started."""
+
+
+def _interrupted(counts: Counts, line: str) -> str:
+    return f"interrupted (Ctrl-C), the rest left as it was: {line}" if counts.interrupted else line
 
 
 def dlq_summary(action: str, source: str, target: str | None, counts: Counts, **flags: bool) -> str:
@@ -41,20 +47,21 @@ def dlq_summary(action: str, source: str, target: str | None, counts: Counts, **
     if counts.unacked:
         parts.append(f"{counts.unacked} {moved} but still in the DLQ (harmless to repeat)")
     arrow = f" -> {target}" if target else ""
-    return f"{action} {source}{arrow}: " + ", ".join(parts)
+    return _interrupted(counts, f"{action} {source}{arrow}: " + ", ".join(parts))
 
 
 def outbox_summary(types: Sequence[str], target: str, counts: Counts, *, dry_run: bool) -> str:
     republished = f"republished {counts.republished}"
     if dry_run:
         republished += f" (dry run: would have republished {counts.selected})"
-    return (
+    return _interrupted(
+        counts,
         f"replay outbox {','.join(types)} -> {target}: "
         f"selected {counts.selected}, {republished}, "
         "duplicate unknown (the consumer's inbox counts already-processed events as duplicates), "
         f"failed {counts.failed}, "
         f"skipped {counts.skipped} (not yet published: the relay delivers them, or parked: "
-        "see eventctl outbox parked)"
+        "see eventctl outbox parked)",
     )
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Mapping
 
-import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tributary.contracts.catalog import catalog
 from tributary.contracts.events import Payload
+from tributary.messaging.connection import connect_failover
 from tributary.messaging.consumer import (
     Handler,
     OutcomeListener,
@@ -27,6 +28,7 @@ from tributary.messaging.erasure import (
     SweepCounts,
     sweep_queue,
 )
+from tributary.messaging.partitions import binding_keys, partition_binding_keys
 from tributary.messaging.publisher import Publisher
 from tributary.messaging.relay import OutboxRelay
 from tributary.messaging.settings import MessagingSettings
@@ -93,7 +95,12 @@ class Bus:
     def _queue_sets(self) -> list[tuple[QueueSet, dict[str, Subscription]]]:
         tiers = len(self.settings.retry_tiers)
         sets: list[tuple[QueueSet, dict[str, Subscription]]] = []
-        if self._handlers:
+        partitions = catalog().partitioning.partitions(self.service)
+        if self._handlers and partitions:
+            subs = self._subscriptions(self._handlers)
+            for k in range(partitions):
+                sets.append((self.names.partition_queues(self.service, tiers, k), subs))
+        elif self._handlers:
             sets.append(
                 (
                     self.names.service_queues(self.service, tiers),
@@ -108,16 +115,34 @@ class Bus:
     def queue_names(self) -> list[str]:
         """Every queue this bus declares: its event queue set and one set per command it
         handles (work queue, DLQ, retry tiers)."""
-        return [name for qs, _ in self._queue_sets() for name in (qs.work, qs.dlq, *qs.retries)]
+        names = [name for qs, _ in self._queue_sets() for name in (qs.work, qs.dlq, *qs.retries)]
+        return list(dict.fromkeys(names))  # partition queues share their service's DLQ
+
+    def _binding_keys(self, qs: QueueSet, subs: Mapping[str, Subscription]) -> list[str]:
+        """``<type>.*`` (and ``<type>.*.*`` for a partitioned type) of every subscription, or,
+        on partition queue ``k``, the slots of each type that belong to ``k``."""
+        cat = catalog()
+        specs = [cat.type(name) for name in subs]
+        if qs.partition is None:
+            return binding_keys(specs)
+        return partition_binding_keys(
+            specs,
+            slots=cat.partitioning.slots,
+            partitions=cat.partitioning.partitions(self.service),
+            partition=qs.partition,
+        )
 
     async def start(self, *, consume: bool = True) -> None:
         """Connect, declare the topology, start the relay and (unless told not to) consumers."""
-        self._connection = await aio_pika.connect_robust(
-            self.settings.rabbitmq_url,
+        # to the first node that answers; when it is lost, to the next (a cluster's nodes)
+        self._connection = await connect_failover(
+            self.settings.broker_urls,
+            timeout=self.settings.connect_timeout_seconds,
             client_properties={"connection_name": f"tributary-{self.service}"},
         )
-        self._publishing = await aio_pika.connect_robust(
-            self.settings.rabbitmq_url,
+        self._publishing = await connect_failover(
+            self.settings.broker_urls,
+            timeout=self.settings.connect_timeout_seconds,
             client_properties={"connection_name": f"tributary-{self.service}-publish"},
         )
         await declare_exchanges(self._connection, self.names)
@@ -127,7 +152,7 @@ class Bus:
                 self._connection,
                 self.names,
                 qs,
-                binding_keys=[f"{name}.*" for name in subs],
+                binding_keys=self._binding_keys(qs, subs),
                 tier_seconds=self.settings.retry_tiers,
                 delivery_limit=self.settings.delivery_limit,
             )
@@ -147,7 +172,22 @@ class Bus:
         # supervised: a relay loop that ends for any reason is restarted
         self._relay_task = asyncio.create_task(self.relay.supervise(), name=f"{self.service}-relay")
         if consume:
-            for qs, subs in queue_sets:
+            await self._consume(queue_sets)
+
+    async def _consume(self, queue_sets: list[tuple[QueueSet, dict[str, Subscription]]]) -> None:
+        """A consumer per queue set; partition queues the least-watched first, one at a time.
+
+        On a partition queue the consumer that subscribed first is the active one. Replicas
+        started together spread over the partitions: each takes the partition with the fewest
+        consumers (ties at random), waits ``partition_stagger_seconds``, and goes on.
+        """
+        if self._connection is None or self.publisher is None or self.relay is None:
+            raise RuntimeError(f"{self.service}: the bus is not started")
+        plain = [(qs, subs) for qs, subs in queue_sets if not qs.ordered]
+        partitioned = [(qs, subs) for qs, subs in queue_sets if qs.ordered]
+        order = plain
+        while True:
+            for qs, subs in order:
                 consumer = QueueConsumer(
                     service=self.service,
                     queues=qs,
@@ -163,6 +203,31 @@ class Bus:
                 )
                 await consumer.start(self._connection)
                 self.consumers.append(consumer)
+            if not partitioned:
+                return
+            if order is not plain:
+                await asyncio.sleep(self.settings.partition_stagger_seconds)
+            counts = await self._consumer_counts([qs.work for qs, _ in partitioned])
+            fewest = min(counts.values())
+            pick = random.choice(  # noqa: S311 (spreads replicas; not a secret)
+                [item for item in partitioned if counts[item[0].work] == fewest]
+            )
+            partitioned.remove(pick)
+            order = [pick]
+
+    async def _consumer_counts(self, queues: list[str]) -> dict[str, int]:
+        """Consumers per queue (passive declares on a short-lived, plain channel)."""
+        if self._connection is None:
+            raise RuntimeError(f"{self.service}: the bus is not started")
+        counts: dict[str, int] = {}
+        channel = await self._connection.channel()
+        try:
+            for name in queues:
+                declared = await channel.declare_queue(name, passive=True, robust=False)
+                counts[name] = int(declared.declaration_result.consumer_count or 0)
+        finally:
+            await channel.close()
+        return counts
 
     async def stop(self) -> None:
         """Graceful: stop consuming, finish in-flight batches, flush the relay, close."""
@@ -204,13 +269,13 @@ class Bus:
         if self.settings.verify_sender:
             trust = sender_trust(self.service, self.publisher.user, self.settings)
             provenance = Provenance(self.settings.broker_user_prefix, trust)
-        for qs, _subs in self._queue_sets():
+        for dlq in dict.fromkeys(qs.dlq for qs, _subs in self._queue_sets()):
             try:
                 counts += await sweep_queue(
-                    self._connection, self.publisher, qs.dlq, matcher, provenance=provenance
+                    self._connection, self.publisher, dlq, matcher, provenance=provenance
                 )
             except DeadLetterQueueMissing:  # deleted by hand: nothing in it to erase
-                log.warning("%s: no queue %s to sweep", self.service, qs.dlq)
+                log.warning("%s: no queue %s to sweep", self.service, dlq)
         return counts
 
     async def queue_depths(self, queues: list[str]) -> dict[str, int]:
@@ -230,7 +295,7 @@ class Bus:
 
     @property
     def dead_letter_queues(self) -> list[str]:
-        return [c.queues.dlq for c in self.consumers]
+        return list(dict.fromkeys(c.queues.dlq for c in self.consumers))
 
     @property
     def connected(self) -> bool:

@@ -2,10 +2,12 @@
 
 Deliveries already waiting are handled together, up to ``batch_max`` in one transaction
 (group commit); a failure in a batch replays it one message per transaction. Failures of the
-message go through in-process retries, delayed-retry queues and finally the DLQ. Nothing is
-acked before it is processed, recorded as a duplicate, or confirmed by the broker in a retry
-queue or DLQ, and a multiple-ack is sent only when every older delivery on the channel is
-settled.
+message go through in-process retries, delayed-retry queues and finally the DLQ, each dead
+letter announced as a ``message.dead_lettered`` event through the outbox
+(:mod:`tributary.messaging.deadletters`). Nothing is acked before it is processed, recorded as
+a duplicate, or confirmed by the broker in a retry queue or DLQ (and, dead-lettered, its
+announcement committed), and a multiple-ack is sent only when every older delivery on the
+channel is settled.
 
 Failures of the infrastructure (the database unreachable or read-only, the broker refusing a
 publish) are not the message's fault: they pause consumption. The consumer cancels its
@@ -25,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from aio_pika import Message
@@ -38,6 +41,7 @@ from aiormq.abc import AbstractChannel as AbstractChannelLike
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
@@ -48,14 +52,14 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from tributary.contracts.catalog import CatalogError, catalog
+from tributary.contracts.catalog import CatalogError, VersionSpec, catalog
 from tributary.contracts.envelope import CloudEvent, MalformedEvent, parse_event
-from tributary.contracts.events import Payload
+from tributary.contracts.events import MessageDeadLetteredV1, Payload
 from tributary.contracts.pii import scrub_text
 from tributary.contracts.upcasting import NoUpcastPath, UpcastFailed, upcast
-from tributary.contracts.validation import SchemaViolation, validate
-from tributary.messaging import context, headers
-from tributary.messaging.db import InboxRow, is_sqlite, session_factory, utcnow
+from tributary.contracts.validation import SchemaViolation, flat_check, validate
+from tributary.messaging import context, deadletters, headers
+from tributary.messaging.db import InboxRow, OutboxRow, is_sqlite, session_factory, utcnow
 from tributary.messaging.erasure import Sweeper
 from tributary.messaging.errors import (
     DlqReason,
@@ -68,7 +72,7 @@ from tributary.messaging.faults import as_infrastructure, brief, data_failure
 from tributary.messaging.publisher import Publisher
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.topology import Names, QueueSet
-from tributary.messaging.uow import UnitOfWork
+from tributary.messaging.uow import Outbox, UnitOfWork
 
 log = logging.getLogger("tributary.messaging.consumer")
 tracer = trace.get_tracer("tributary.messaging")
@@ -108,6 +112,13 @@ class OutcomeRecord:
     """Seconds from the event's time to the start of its handling."""
 
 
+@dataclass(frozen=True)
+class _Announcement:
+    payload: MessageDeadLetteredV1
+    key: str
+    event_id: str
+
+
 @dataclass
 class _Prepared:
     message: AbstractIncomingMessage
@@ -125,6 +136,42 @@ def sender_trust(service: str, own_user: str, settings: MessagingSettings) -> di
     service's own (without the header, its own publication) and the operator's."""
     prefix = settings.broker_user_prefix
     return {f"{prefix}{OPERATOR}": None, own_user: service, f"{prefix}{service}": service}
+
+
+def admit(
+    spec: VersionSpec, payload_type: type[Payload], data: Any, *, shortcut: bool = True
+) -> tuple[Payload, Any]:
+    """The handler's payload from the ``data`` of an event of version ``spec``, and the data it
+    was made of (upcast to the handler's version); :class:`Rejected` when it breaks its contract.
+
+    The data is checked against its schema (tolerant), then upcast if the handler is written
+    for another version, then validated by the handler's model. ``shortcut``: an event of the
+    handler's own version whose schema is flat is checked by :func:`flat_check` (the same
+    verdict, without jsonschema's cost); an upcast or a nested schema is validated in full.
+    """
+    own = spec.version == payload_type.version
+    check = flat_check(spec.routing_key) if shortcut and own else None
+    try:
+        if check is not None:
+            check(data)
+        else:
+            validate(spec.routing_key, data, "tolerant")
+    except SchemaViolation as exc:
+        raise Rejected("schema_invalid", str(exc)) from None
+    if not own:
+        try:
+            data = upcast(spec.type, spec.version, data, payload_type.version)
+        except NoUpcastPath as exc:
+            raise Rejected("unknown_type", str(exc)) from None
+        except UpcastFailed as exc:
+            raise Rejected("upcast_failed", f"{exc}: {exc.__cause__}") from None
+    try:
+        payload = payload_type.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise Rejected("schema_invalid", f"data.{where}: {first['msg']}") from None
+    return payload, data
 
 
 def payload_hash(data: Mapping[str, Any]) -> str:
@@ -206,14 +253,18 @@ class QueueConsumer:
         # ensure=True registers the queue with the robust channel: only then are it and its
         # consumer restored after a reconnect
         self._queue = await self._channel.get_queue(self.queues.work, ensure=True)
+        # a partition queue is handled in delivery order: one worker
+        workers = 1 if self.queues.ordered else self._settings.concurrency
         self._workers = [
             asyncio.create_task(self._work(), name=f"{self.queues.work}-worker-{n}")
-            for n in range(self._settings.concurrency)
+            for n in range(workers)
         ]
         # Cautious start: one message at a time while the broker hands back redeliveries.
         # Every message a crashed consumer held is charged a delivery; taking them one by one
         # means a poison message that kills us again is charged alone, not with its neighbours.
-        self._cautious = self._settings.prefetch > 1
+        # Not on a partition queue: raising the prefetch re-subscribes, and a cancel there hands
+        # the queue to another replica while this one still holds earlier deliveries.
+        self._cautious = self._settings.prefetch > 1 and not self.queues.ordered
         await self._channel.set_qos(prefetch_count=1 if self._cautious else self._settings.prefetch)
         self._tag = await self._queue.consume(self._on_message)
         self._watch = asyncio.create_task(self._watchdog(), name=f"{self.queues.work}-watch")
@@ -270,9 +321,20 @@ class QueueConsumer:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self.queues.ordered:
+            await self._stop_ordered()
+            return
         await self._unsubscribe()
         await asyncio.sleep(0)  # let deliveries dispatched before the cancel-ok reach us
         self._resumed.set()  # a paused consumer gives up what it holds
+        await self._end_workers()
+        for message, _channel, _tag in list(self._unsettled.values()):
+            await self._requeue(message, "stopping")
+        await self._close_channel()
+
+    async def _end_workers(self) -> None:
+        """Tell every worker to finish its batch and end (within the shutdown grace, else
+        cancelled), and stop the outage probe."""
         for _ in self._workers:
             self._pending.put_nowait(None)
         if self._workers:
@@ -285,13 +347,35 @@ class QueueConsumer:
         if self._probing is not None:
             self._probing.cancel()
             await asyncio.gather(self._probing, return_exceptions=True)
-        for message, _channel, _tag in list(self._unsettled.values()):
-            await self._requeue(message, "stopping")
+
+    async def _close_channel(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
             try:
                 await asyncio.wait_for(self._channel.close(), _CLOSE_TIMEOUT)
-            except Exception as exc:  # broker unreachable: nothing left to hand back
+            except Exception as exc:
                 log.debug("closing the channel of %s failed: %s", self.queues.work, exc)
+
+    async def _stop_ordered(self) -> None:
+        """Stop a partition queue's consumer without letting the next replica overtake it.
+
+        A cancel would make another replica's consumer active at once, while deliveries this
+        one holds (earlier events of the same entities) are still being handled. So: finish
+        the batch in hand, then close the channel with the consumer still on it; the broker
+        returns every other delivery, in order, to the next active consumer (each charged a
+        delivery against the queue's limit).
+        """
+        while not self._pending.empty():  # not handled: they stay unsettled, returned below
+            self._pending.get_nowait()
+        self._resumed.set()
+        await self._end_workers()
+        await self._close_channel()  # unreachable: the broker returns them when it notices
+        self._tag = None
+        for message, _channel, _tag in list(self._unsettled.values()):
+            del self._unsettled[id(message)]
+            replay = self._is_replay(message)
+            self._record(
+                message, "requeued", message.message_id, message.type, replay, None, "stopping"
+            )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._unsettled[id(message)] = (message, message.channel, message.delivery_tag or 0)
@@ -392,7 +476,10 @@ class QueueConsumer:
                 failure,
                 extra={"consumer": self.queues.consumer, "outcome": "paused"},
             )
-            await self._unsubscribe()
+            if not self.queues.ordered:
+                # a partition queue keeps its consumer: a cancel would hand it to another
+                # replica while this one holds earlier events (the prefetch bounds what waits)
+                await self._unsubscribe()
             self._probing = asyncio.create_task(self._probe(failure.component))
         await self._resumed.wait()
 
@@ -511,6 +598,20 @@ class QueueConsumer:
         """Settle every delivery of ``batch``; raises only :class:`InfrastructureError`."""
         prepared: list[_Prepared] = []
         for message in batch:
+            if (returned := self._returned(message)) is not None:
+                await self._guarded(
+                    message,
+                    None,
+                    self._dead_letter(
+                        message,
+                        "delivery_limit",
+                        f"handed back {returned} times without being settled (its consumer "
+                        f"stopped or lost its channel each time); delivery limit "
+                        f"{self._settings.delivery_limit}",
+                        attempts=returned,
+                    ),
+                )
+                continue
             try:
                 prepared.append(self._prepare(message))
             except Rejected as rejected:
@@ -522,6 +623,8 @@ class QueueConsumer:
             except Exception as exc:
                 await self._unexpected(message, exc, None)
         groupable = [p for p in prepared if not p.sub.irreversible]
+        if self.queues.ordered and len(groupable) < len(prepared):
+            groupable = []  # one by one, in delivery order
         one_by_one = prepared
         if len(groupable) > 1 and self._settings.batch_max > 1:
             try:
@@ -577,6 +680,21 @@ class QueueConsumer:
             log.error("dead-lettering on %s failed: %s", self.queues.work, brief(again))
             await self._requeue(message, "unexpected_error")
 
+    def _returned(self, message: AbstractIncomingMessage) -> int | None:
+        """How often a delivery on its last chance was handed back, or None if it is not.
+
+        The quorum queue counts every return (a stop, a lost channel, a consumer that died
+        holding it) and dead-letters a delivery returned once more than the delivery limit.
+        The runtime dead-letters it itself when it arrives with the limit reached, before
+        handling it: whatever made it come back that often (typically a message that kills
+        its consumer) would only return it once more, and the broker's dead-lettering says
+        nothing to anyone. The broker's limit stays the backstop.
+        """
+        if not message.redelivered:
+            return None
+        returned = headers.int_header(message, headers.DELIVERY_COUNT)
+        return returned if returned >= self._settings.delivery_limit else None
+
     def _prepare(self, message: AbstractIncomingMessage) -> _Prepared:
         try:
             event = parse_event(message.body)
@@ -601,24 +719,7 @@ class QueueConsumer:
                     f"{spec.type} from {sender} (user {message.user_id!r}); "
                     f"may be published by {', '.join(allowed) or 'nobody'}",
                 )
-        try:
-            validate(spec.routing_key, event.data, "tolerant")
-        except SchemaViolation as exc:
-            raise Rejected("schema_invalid", str(exc)) from None
-        data = event.data
-        if spec.version != sub.payload_type.version:
-            try:
-                data = upcast(spec.type, spec.version, data, sub.payload_type.version)
-            except NoUpcastPath as exc:
-                raise Rejected("unknown_type", str(exc)) from None
-            except UpcastFailed as exc:
-                raise Rejected("upcast_failed", f"{exc}: {exc.__cause__}") from None
-        try:
-            payload = sub.payload_type.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors(include_input=False)[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise Rejected("schema_invalid", f"data.{where}: {first['msg']}") from None
+        payload, data = admit(spec, sub.payload_type, event.data)
         return _Prepared(
             backlog=max(0.0, time.time() - event.time.timestamp()),
             message=message,
@@ -780,6 +881,7 @@ class QueueConsumer:
                     _describe(exc),
                     attempts=p.ctx.attempt + attempts - 1,
                     prepared=p,
+                    exception=type(exc).__name__,
                 )
                 return
             log.warning(
@@ -859,7 +961,12 @@ class QueueConsumer:
         total = headers.int_header(message, headers.ATTEMPTS) + attempts
         if retries >= len(self.queues.retries):
             await self._dead_letter(
-                message, "retries_exhausted", _describe(exc), attempts=total, prepared=p
+                message,
+                "retries_exhausted",
+                _describe(exc),
+                attempts=total,
+                prepared=p,
+                exception=type(exc).__name__,
             )
             return
         copy = self._copy(
@@ -878,7 +985,16 @@ class QueueConsumer:
             },
         )
         await self._publish_copy(self.queues.retries[retries], "", copy)
-        await self._ack(message, "retried", p.event.id, p.event.type, p.ctx.is_replay)
+        # the log line names the exception's class (never its text) and the correlation id
+        await self._ack(
+            message,
+            "retried",
+            p.event.id,
+            p.event.type,
+            p.ctx.is_replay,
+            type(exc).__name__,
+            prepared=p,
+        )
 
     async def _dead_letter(
         self,
@@ -890,7 +1006,17 @@ class QueueConsumer:
         prepared: _Prepared | None = None,
         exception: str | None = None,
     ) -> None:
-        now = headers.now_iso()
+        """Copy the delivery into the DLQ (confirmed), announce it (``message.dead_lettered``
+        in the outbox, committed), then ack it.
+
+        In this order nothing is lost: a crash or an outage before the ack leaves the delivery
+        with us or the broker, and it is dead-lettered again -- a second DLQ copy at worst,
+        and the same announcement (its id and idempotency key are the consumer's, the
+        reason's and the message's). A database that fails the announcement pauses the
+        consumer like any outage, the delivery unacked.
+        """
+        moment = datetime.now(UTC)
+        now = headers.iso(moment)
         extra: dict[str, Any] = {
             headers.REASON: reason,
             headers.ERROR: scrub_text(detail)[:1000],
@@ -904,14 +1030,150 @@ class QueueConsumer:
         }
         if exception is not None:
             extra[headers.EXCEPTION] = exception
+        announcement = self._announcement(
+            message,
+            reason,
+            detail,
+            attempts=attempts,
+            prepared=prepared,
+            exception=exception,
+            at=moment,
+        )
+        if announcement is not None:
+            extra[headers.ANNOUNCEMENT] = announcement.event_id
         # confirmed in the DLQ before the original is acked: never lost in between
         await self._publish_copy(self.queues.dlq, self._names.dlx, self._copy(message, extra))
+        if announcement is not None:
+            await self._announce(message, announcement)
         event_id: str | None = message.message_id
         event_type: str | None = message.type
         replay = self._is_replay(message)
         if prepared is not None:
             event_id, event_type = prepared.event.id, prepared.event.type
         await self._ack(message, "dead_lettered", event_id, event_type, replay, reason)
+
+    def _announcement(
+        self,
+        message: AbstractIncomingMessage,
+        reason: DlqReason,
+        detail: str,
+        *,
+        attempts: int,
+        prepared: _Prepared | None,
+        exception: str | None,
+        at: datetime,
+    ) -> _Announcement | None:
+        """The ``message.dead_lettered`` event of a dead letter (see
+        :mod:`tributary.messaging.deadletters`); None for a dead-lettered announcement (no
+        loop) or if it cannot be built (logged: the dead letter matters more)."""
+        routing_key = headers.original_routing_key(message)
+        raw = None if prepared is not None else deadletters.body_object(message.body)
+        message_type: object
+        message_id: object
+        correlation_id: object
+        if prepared is not None:
+            message_type = prepared.event.routing_key
+            message_id = prepared.event.id
+            correlation_id = prepared.event.correlationid
+        else:
+            message_type = deadletters.safe_routing_key(routing_key) or (
+                raw.get("type") if raw else None
+            )
+            message_id = deadletters.safe_id(raw.get("id") if raw else None) or message.message_id
+            correlation_id = raw.get("correlationid") if raw else None
+        claimed = (routing_key, message_type, message.type, raw.get("type") if raw else None)
+        types = {deadletters.safe_routing_key(name) for name in claimed}
+        if any(t is not None and t.rpartition(".v")[0] == deadletters.DEAD_LETTERED for t in types):
+            return None  # a dead-lettered announcement announces nothing: no loop
+        try:
+            payload = deadletters.announcement(
+                service=self.service,
+                consumer=self.queues.consumer,
+                queue=self.queues.work,
+                dlq=self.queues.dlq,
+                reason=reason,
+                detail=detail,
+                attempts=attempts,
+                body=message.body,
+                message_type=message_type if isinstance(message_type, str) else None,
+                message_id=message_id if isinstance(message_id, str) else None,
+                correlation_id=correlation_id if isinstance(correlation_id, str) else None,
+                exception=exception,
+                at=at,
+            )
+            before = headers.header(message, headers.ANNOUNCED_BEFORE)
+            key = deadletters.idempotency_key(
+                self.queues.consumer,
+                reason,
+                payload.message_id,
+                message.body,
+                None if before is None else headers.text(before)[:200],
+            )
+        except Exception:
+            log.exception("announcing a dead letter on %s failed", self.queues.work)
+            return None
+        return _Announcement(payload, key, deadletters.event_id(key))
+
+    async def _announce(
+        self, message: AbstractIncomingMessage, announcement: _Announcement
+    ) -> None:
+        """Commit the announcement of a dead letter in the outbox, in a transaction of its own.
+
+        Raises only :class:`InfrastructureError` (the database failed: the caller must not
+        ack). Any other failure is logged and leaves the dead letter as it is: the DLQ copy
+        matters more than its announcement.
+        """
+        payload = announcement.payload
+        ctx = context.MessageContext(
+            correlation_id=payload.correlation_id,
+            causation_id=payload.message_id,
+            consumer=self.queues.consumer,
+        )
+        carrier = {k: headers.text(v) for k, v in (message.headers or {}).items()}
+        try:
+            with (
+                context.use(ctx),
+                tracer.start_as_current_span(
+                    f"dead_letter {payload.message_type or 'message'}",
+                    context=propagate.extract(carrier),
+                    kind=SpanKind.INTERNAL,
+                    attributes={
+                        "messaging.system": "rabbitmq",
+                        "messaging.destination.name": self.queues.work,
+                        "messaging.consumer.group.name": self.queues.consumer,
+                        "messaging.message.id": payload.message_id or "",
+                        "tributary.dead_letter.reason": payload.reason,
+                    },
+                ),
+            ):
+                written = await self._write_announcement(announcement)
+        except Exception as exc:
+            failure = as_infrastructure(exc, "database", connecting=True)
+            if failure is not None:
+                raise failure from exc
+            log.exception("announcing a dead letter on %s failed", self.queues.work)
+            return
+        if written:
+            self._on_commit()
+
+    async def _write_announcement(self, announcement: _Announcement) -> bool:
+        """Stage the announcement unless a row with its id is already in the outbox."""
+        event_id = announcement.event_id
+        try:
+            async with self._sessions() as session, session.begin():
+                seen = await session.exec(
+                    select(OutboxRow.seq).where(col(OutboxRow.event_id) == event_id)
+                )
+                if seen.first() is not None:
+                    return False
+                Outbox(session, self._source).add(
+                    announcement.payload, idempotency_key=announcement.key, event_id=event_id
+                )
+        except sa_exc.IntegrityError as exc:
+            if as_infrastructure(exc, "database") is not None:
+                raise
+            return False  # the same announcement, written by a concurrent dead-lettering
+        return True
 
     async def _ack(
         self,
@@ -953,7 +1215,10 @@ class QueueConsumer:
             reason,
             replay,
             duration=prepared.duration if prepared and outcome == "processed" else None,
-            backlog=prepared.backlog if prepared else None,
+            # the age when handling started: once per event handled, not at every retry
+            backlog=prepared.backlog
+            if prepared and outcome in ("processed", "duplicate")
+            else None,
         )
         for listener in self._listeners:
             try:

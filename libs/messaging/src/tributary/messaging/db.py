@@ -15,6 +15,8 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tributary.messaging import sqlite_driver
+
 
 def utcnow() -> datetime:
     """Naive UTC, for the runtime's own tables: stored the same way on SQLite and PostgreSQL."""
@@ -69,7 +71,9 @@ class OutboxRow(SQLModel, table=True):
             BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
         ),
     )
-    event_id: str = Field(max_length=200, unique=True)
+    # unique and given by the writer: SQLAlchemy sorts a multi-row INSERT ... RETURNING by it,
+    # so on SQLite the rows of a transaction are inserted in one statement, not one each
+    event_id: str = Field(max_length=200, unique=True, sa_column_kwargs={"insert_sentinel": True})
     routing_key: str = Field(max_length=200)
     body: bytes = Field(sa_column=Column(LargeBinary(), nullable=False))
     trace_headers: str = Field(default="{}")
@@ -162,6 +166,7 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         pragmas = _sqlite_pragmas(sqlite_synchronous())
+        kwargs.setdefault("module", sqlite_driver.dbapi())  # one thread round trip a statement
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine.sync_engine, "connect", pragmas)
         return engine

@@ -14,6 +14,7 @@ DlqReason = Literal[
     "upcast_failed",
     "unexpected_error",
     "unauthorized_producer",
+    "delivery_limit",
 ]
 
 

@@ -14,11 +14,18 @@ ERROR = "x-tributary-error"
 EXCEPTION = "x-tributary-exception"
 """Type name of the exception behind an ``unexpected_error`` or a failed attempt."""
 CONSUMER = "x-tributary-consumer"
+ANNOUNCEMENT = "x-tributary-announcement"
+"""On a DLQ copy: the id of the ``message.dead_lettered`` event that announced it."""
+ANNOUNCED_BEFORE = "x-tributary-announced-before"
+"""On a copy replayed from a DLQ: the announcement of its last dead-lettering. Part of the
+next announcement's idempotency key: dead-lettered again after a replay is a new event."""
 ATTEMPTS = "x-tributary-attempts"
 RETRIES = "x-tributary-retries"
 FIRST_FAILURE = "x-tributary-first-failure"
 LAST_FAILURE = "x-tributary-last-failure"
 ROUTING_KEY = "x-tributary-routing-key"
+DELIVERY_COUNT = "x-delivery-count"
+"""Set by a quorum queue on a redelivery: how many times the delivery was handed back."""
 REPLAY = "x-tributary-replay"
 REPLAY_FORCED = "x-tributary-replay-forced"
 PRODUCER = "x-tributary-producer"
@@ -100,7 +107,12 @@ def producer_of(
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(datetime.now(UTC))
+
+
+def iso(moment: datetime) -> str:
+    """An aware time as a header value: ``2026-01-09T12:00:00.123Z``."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def copy_of(

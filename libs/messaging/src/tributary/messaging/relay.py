@@ -53,6 +53,7 @@ from tributary.messaging.db import (
     utcnow,
 )
 from tributary.messaging.errors import InfrastructureError, Unroutable
+from tributary.messaging.partitions import wire_routing_key
 from tributary.messaging.publisher import Publisher, PublishRefused, event_message
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.topology import Names
@@ -617,7 +618,9 @@ class OutboxRelay:
             headers: dict[str, Any] = {}
             propagate.inject(headers)
             message = outbox_message(row, app_id=self._service, headers=headers)
-            await self._publisher.publish(self._names.exchange, row.routing_key, message)
+            # a partitioned type travels under its slot: <type>.v<N>.s<slot>
+            routing_key = wire_routing_key(row.routing_key, row.body)
+            await self._publisher.publish(self._names.exchange, routing_key, message)
 
     async def _hold_lease(self, session: AsyncSession) -> bool:
         now = utcnow()

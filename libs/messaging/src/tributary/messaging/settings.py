@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+BROKER_SCHEMES = ("amqp://", "amqps://")
+
+
+def split_urls(value: str) -> tuple[str, ...]:
+    """``"amqp://a/, amqp://b/"`` → ``("amqp://a/", "amqp://b/")``; blanks are dropped."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 class MessagingSettings(BaseSettings):
@@ -15,11 +24,24 @@ class MessagingSettings(BaseSettings):
         default="amqp://guest:guest@127.0.0.1:5672/",
         validation_alias=AliasChoices("RABBITMQ_URL", "TRIBUTARY_RABBITMQ_URL"),
     )
+    """The broker; with ``rabbitmq_urls`` set and this not, the first of those."""
+    rabbitmq_urls: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        validation_alias=AliasChoices("RABBITMQ_URLS", "TRIBUTARY_RABBITMQ_URLS"),
+    )
+    """The nodes of a cluster, comma-separated: connections go to the first that answers and,
+    when it is lost, to the next (see :attr:`broker_urls`)."""
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Longest wait for one connection attempt to a node (one that accepts TCP but does not
+    answer, a stopped or overloaded node, is left for the next after this)."""
     name_prefix: str = ""
     """Prefix for every exchange and queue name (isolates test runs on a shared broker)."""
     prefetch: int = Field(default=256, ge=1)
     concurrency: int = Field(default=1, ge=1)
     """Worker tasks per queue; each handles one batch at a time."""
+    partition_stagger_seconds: float = Field(default=1.0, ge=0)
+    """Pause between subscribing to one partition queue and the next, so that replicas started
+    together each become the active consumer of different partitions."""
     batch_max: int = Field(default=100, ge=1)
     """Deliveries handled in one transaction when they are already waiting; 1 = off."""
     inprocess_retries: int = Field(default=3, ge=1)
@@ -52,3 +74,28 @@ class MessagingSettings(BaseSettings):
     verify_sender: bool = False
     """Check every delivery's sender (its ``user_id``) against the catalog's producers and
     dead-letter the others as ``unauthorized_producer``; needs the per-service broker users."""
+
+    @field_validator("rabbitmq_urls", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return split_urls(value) if isinstance(value, str) else value
+
+    @field_validator("rabbitmq_urls")
+    @classmethod
+    def _amqp_only(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        for url in urls:
+            if not url.startswith(BROKER_SCHEMES):
+                raise ValueError(f"not an AMQP URL (amqp:// or amqps://): {url.split('@')[-1]!r}")
+        return urls
+
+    @model_validator(mode="after")
+    def _first_node_is_the_url(self) -> MessagingSettings:
+        if self.rabbitmq_urls and "rabbitmq_url" not in self.model_fields_set:
+            # tools that speak to one node (eventctl, test clean-up) use the first
+            object.__setattr__(self, "rabbitmq_url", self.rabbitmq_urls[0])
+        return self
+
+    @property
+    def broker_urls(self) -> tuple[str, ...]:
+        """Every node to connect to, in order: ``rabbitmq_urls``, else ``rabbitmq_url``."""
+        return self.rabbitmq_urls or (self.rabbitmq_url,)

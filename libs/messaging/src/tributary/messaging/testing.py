@@ -6,18 +6,27 @@ No sleeps: tests wait on what the runtime reports (``OutcomeRecorder``) or on th
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import yaml
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import col, select
 
+from tributary.contracts.catalog import contracts_dir
+from tributary.contracts.envelope import CloudEvent, parse_event
 from tributary.messaging.bus import Bus
 from tributary.messaging.consumer import Outcome, OutcomeRecord
+from tributary.messaging.db import OutboxRow
+from tributary.messaging.deadletters import DEAD_LETTERED
 from tributary.messaging.erasure import PersonMatcher, SweepCounts
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.topology import Names
@@ -233,3 +242,42 @@ async def delete_prefixed(url: str, names: Names, queues: Iterable[str]) -> None
             await channel.exchange_delete(exchange)
     finally:
         await connection.close()
+
+
+async def announced_dead_letters(engine: AsyncEngine) -> list[CloudEvent[dict[str, Any]]]:
+    """The ``message.dead_lettered`` events in a service's outbox, in the order written."""
+    async with engine.connect() as conn:
+        bodies = (
+            await conn.execute(
+                select(col(OutboxRow.body))
+                .where(col(OutboxRow.routing_key).startswith(f"{DEAD_LETTERED}.v"))
+                .order_by(col(OutboxRow.seq))
+            )
+        ).scalars()
+        return [parse_event(body) for body in bodies]
+
+
+def partitioned_contracts(
+    destination: Path,
+    *,
+    consumers: Mapping[str, Iterable[str]],
+    partitions: Mapping[str, int],
+    slots: int,
+) -> Path:
+    """A copy of the contracts in ``destination`` with more consumers and a ``partitioning``.
+
+    ``consumers`` adds services to types (``{"user.email_changed": ["ordering"]}``),
+    ``partitions`` opts services into partition queues. Point ``TRIBUTARY_CONTRACTS_DIR`` at the
+    result (and clear :func:`tributary.contracts.catalog.catalog`'s cache) to use it.
+    """
+    source = contracts_dir()
+    shutil.copytree(source, destination, dirs_exist_ok=True)
+    with (source / "catalog.yaml").open(encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    for name, added in consumers.items():
+        entry = raw["types"][name]
+        entry["consumers"] = [*entry.get("consumers", []), *added]
+    raw["partitioning"] = {"slots": slots, "services": dict(partitions)}
+    with (destination / "catalog.yaml").open("w", encoding="utf-8") as fh:
+        yaml.safe_dump(raw, fh, sort_keys=False)
+    return destination

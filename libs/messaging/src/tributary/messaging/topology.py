@@ -48,6 +48,19 @@ class Names:
             dlq=f"{base}.dlq",
         )
 
+    def partition_queues(self, service: str, tiers: int, partition: int) -> QueueSet:
+        """``<service>.events.p<k>`` with its own retry tiers ``<service>.events.p<k>.retry.<n>``
+        (a delayed message returns to its own partition) and the service's ``<service>.dlq``."""
+        base = f"{self.prefix}{service}"
+        work = f"{base}.events.p{partition}"
+        return QueueSet(
+            consumer=service,
+            work=work,
+            retries=tuple(f"{work}.retry.{n}" for n in range(1, tiers + 1)),
+            dlq=f"{base}.dlq",
+            partition=partition,
+        )
+
     def command_queues(self, command: str, tiers: int) -> QueueSet:
         """``email.send``, ``email.send.retry.<n>``, ``email.send.dlq``."""
         base = f"{self.prefix}{command}"
@@ -67,10 +80,19 @@ class QueueSet:
     work: str
     retries: tuple[str, ...]
     dlq: str
+    partition: int | None = None
+    """Of a partition queue (``<service>.events.p<k>``): ``k``. One consumer of all replicas'
+    is active on it at a time (single-active-consumer) and handles it in delivery order."""
+
+    @property
+    def ordered(self) -> bool:
+        return self.partition is not None
 
 
 def work_queue_arguments(qs: QueueSet, names: Names, delivery_limit: int) -> dict[str, Any]:
+    ordered = {"x-single-active-consumer": True} if qs.ordered else {}
     return {
+        **ordered,
         **QUORUM,
         "x-delivery-limit": delivery_limit,
         "x-dead-letter-exchange": names.dlx,

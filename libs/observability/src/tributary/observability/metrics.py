@@ -2,7 +2,8 @@
 
 Counters and histograms are fed by the consumer's outcome records; the relay's counters follow
 its stats and its gauges (outbox waiting, oldest age, parked, last publish) are read when scraped,
-as is the DLQ depth. One registry per app, so several apps can live in one process (tests).
+as is the DLQ depth; the process's own CPU, memory and file descriptors (``process_*``) too.
+One registry per app, so several apps can live in one process (tests).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -34,12 +36,21 @@ class ServiceMetrics:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_cpu_seconds_total, process_resident_memory_bytes...: CPU and RSS per service
+        ProcessCollector(registry=r)
         self.relay = RelayMetrics(r, service)
         self.consumed = Counter(
             "tributary_events_consumed",
             "Deliveries by outcome: processed, duplicate, retried, dead_lettered, requeued, "
             "replayed",
             ["service", "consumer", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "tributary_dead_letters",
+            "Deliveries dead-lettered by the runtime, by reason (each also announced as a "
+            "message.dead_lettered event)",
+            ["service", "consumer", "reason"],
             registry=r,
         )
         self.handler_seconds = Histogram(
@@ -70,6 +81,8 @@ class ServiceMetrics:
         """An ``OutcomeListener``: add it to ``bus.listeners``."""
         labels = (self.service, outcome.consumer)
         self.consumed.labels(*labels, outcome.outcome).inc()
+        if outcome.outcome == "dead_lettered":
+            self.dead_letters.labels(*labels, outcome.reason or "unknown").inc()
         if outcome.replay:
             self.consumed.labels(*labels, "replayed").inc()
         if outcome.duration is not None:

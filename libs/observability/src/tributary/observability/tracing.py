@@ -4,6 +4,9 @@ Spans are exported over OTLP (``OTEL_EXPORTER_OTLP_PROTOCOL``, default ``http/pr
 endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``..._TRACES_ENDPOINT``) or
 ``OTEL_TRACES_EXPORTER=otlp`` is set; the sampler comes from ``OTEL_TRACES_SAMPLER``. Every span
 gets the correlation id and the event being handled from the messaging context.
+
+One span per SQL statement is opt-in: ``TRIBUTARY_TRACE_SQL=true``. They were two thirds of all
+spans, and each statement paid for its span even in a trace that is not sampled.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from tributary.messaging import context
 
 log = logging.getLogger("tributary.observability")
 
+TRACE_SQL = "TRIBUTARY_TRACE_SQL"
+"""Environment variable: ``true`` records a span per SQL statement (off by default)."""
 CORRELATION_ID = "tributary.correlation_id"
 EVENT_ID = "cloudevents.event_id"
 EVENT_TYPE = "cloudevents.event_type"
@@ -119,14 +124,31 @@ def instrument_app(app: Any) -> None:
     )
 
 
-def instrument_engine(engine: Any) -> None:
-    """SQLAlchemy spans for ``engine`` (an AsyncEngine).
+def sql_spans_enabled() -> bool:
+    """Whether ``TRIBUTARY_TRACE_SQL`` asks for a span per SQL statement."""
+    value = os.environ.get(TRACE_SQL, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{TRACE_SQL}={value!r}: expected true or false")
+
+
+def instrument_engine(engine: Any) -> bool:
+    """SQLAlchemy spans for ``engine`` (an AsyncEngine) when ``TRIBUTARY_TRACE_SQL`` is true;
+    whether it was instrumented.
+
+    Off by default: the instrumentation starts a span for every statement, a sampled trace or
+    not (about 45 µs of CPU a statement in an unsampled one, a third of a simple query).
 
     The instrumentation's dependency check refuses SQLAlchemy 2.1; the hooks it uses work
     there, which a test checks, so the check is skipped.
     """
+    if not sql_spans_enabled():
+        return False
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
     SQLAlchemyInstrumentor().instrument(
         engine=engine.sync_engine, skip_dep_check=True, enable_commenter=False
     )
+    return True

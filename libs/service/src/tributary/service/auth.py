@@ -100,6 +100,7 @@ SCOPES: Mapping[str, str] = {
     "audit:read": "Read the audit log",
     "audit:verify": "Verify the audit log's hash chain",
     "revenue:read": "Read billing's revenue per plan",
+    "sagas:read": "Read billing's subscription sagas (state, steps, pending timeouts)",
     "signing-keys:write": "Rotate the token signing keys",
 }
 SELF_SCOPES = frozenset(

@@ -20,12 +20,17 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from tributary.testkit.processes import free_port
 
 RABBIT_SBIN_GLOB = "/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"
 POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+EPMD_GLOB = "/usr/lib/erlang/erts-*/bin/epmd"
+
+T = TypeVar("T")
 DEFAULT_MEMORY_WATERMARK = 0.4
 
 
@@ -131,16 +136,30 @@ def _wait(check: Callable[[], object], what: str, timeout: float, poll: float = 
 class RabbitNode:
     """A private RabbitMQ node beside the system one (own name, ports, cookie and dirs)."""
 
-    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        name: str | None = None,
+        cookie: str | None = None,
+        config: str = "",
+        advanced: str = "",
+    ) -> None:
+        """``name``, ``cookie``, ``config`` (extra ``rabbitmq.conf`` lines) and ``advanced``
+        (extra ``rabbit`` application settings) let several nodes form a cluster."""
         self.sbin = rabbit_sbin()
         token = uuid.uuid4().hex[:8]
         self.port = port or free_port()
         self.dist_port = free_port()
-        self.name = f"rabbit-t{token}@localhost"
+        self.name = name or f"rabbit-t{token}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
         self.base = Path(workdir) / f"rabbit-{token}"
         self.pid_file = self.base / "rabbit.pid"
         self.log_dir = self.base / "log"
+        self._cookie = cookie or uuid.uuid4().hex.upper()
+        self._config = config
+        self._advanced = advanced
         self._env = self._environment()
 
     def _environment(self) -> dict[str, str]:
@@ -160,6 +179,8 @@ class RabbitNode:
             RABBITMQ_LOG_BASE=str(self.log_dir),
             RABBITMQ_PID_FILE=str(self.pid_file),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),
+            # no busy-waiting schedulers: several VMs share few cores with the tests
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none",
             ERL_EPMD_ADDRESS="127.0.0.1",
         )
         return env
@@ -169,7 +190,7 @@ class RabbitNode:
         home.mkdir(parents=True, exist_ok=True)
         cookie = home / ".erlang.cookie"
         if not cookie.exists():
-            cookie.write_text(uuid.uuid4().hex.upper())
+            cookie.write_text(self._cookie)
             cookie.chmod(0o400)
         (self.base / "rabbitmq-env.conf").write_text(
             "ERL_EPMD_ADDRESS=127.0.0.1\n"
@@ -181,15 +202,23 @@ class RabbitNode:
             # Queue counts (``queues()``) refresh at this interval; the default is 5 s.
             "collect_statistics_interval = 500\n"
             "log.console = false\n"
-            "log.file.level = info\n"
+            "log.file.level = info\n" + self._config
         )
         # Quorum queues report their counts on this tick (default 5 s); no schema key for it.
-        (self.base / "advanced.config").write_text("[{rabbit, [{quorum_tick_interval, 500}]}].\n")
+        (self.base / "advanced.config").write_text(
+            f"[{{rabbit, [{{quorum_tick_interval, 500}}{self._advanced}]}}].\n"
+        )
         (self.base / "enabled_plugins").write_text("[].\n")
 
     def start(self, timeout: float = 120) -> None:
         """Boot the node; returns when it accepts AMQP connections."""
+        self.launch()
+        self.wait_started(timeout)
+
+    def launch(self) -> None:
+        """Start booting the node in the background (``rabbitmq-server -detached``)."""
         self._write_files()
+        self.pid_file.unlink(missing_ok=True)  # a killed node's, stale
         subprocess.run(
             [str(self.sbin / "rabbitmq-server"), "-detached"],
             env=self._env,
@@ -199,22 +228,49 @@ class RabbitNode:
             text=True,
             timeout=60,
         )
+
+    def wait_started(self, timeout: float = 120) -> None:
+        """Returns when a launched node accepts AMQP connections and has finished booting."""
         deadline = time.monotonic() + timeout
-        _wait(self._booting, f"{self.name} pid file", timeout)
-        result = self.ctl("wait", "--timeout", str(int(timeout)), str(self.pid_file), check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"{self.name} did not start:\n{result.stderr}\n{self.log_tail()}")
+        _wait(self._serving, f"{self.name} serving AMQP on {self.port}", timeout)
         self._await_ready(max(1.0, deadline - time.monotonic()))
 
-    def _booting(self) -> bool:
-        """True once the pid file is written; raises if the node died before that."""
-        if self.pid_file.exists():
+    def _serving(self) -> bool:
+        """True once AMQP is served; raises if the node died before that."""
+        if _port_open(self.port):
             return True
         if not pids_mentioning(str(self.base)):
             time.sleep(1)  # the detached VM may not have exec'd yet
-            if not self.pid_file.exists() and not pids_mentioning(str(self.base)):
+            if not pids_mentioning(str(self.base)) and not _port_open(self.port):
                 raise RuntimeError(f"{self.name} exited while booting:\n{self.log_tail()}")
         return False
+
+    def pids(self) -> list[int]:
+        """The node's VM and every process it started."""
+        pids = pids_mentioning(str(self.base))
+        return sorted(set(pids + [child for pid in pids for child in _children(pid)]))
+
+    def kill(self) -> None:
+        """SIGKILL the node, as a crash would; its data stays, so :meth:`restart` brings it
+        back as the same cluster member."""
+        _kill_all(self.pids())
+
+    def pause(self) -> None:
+        """SIGSTOP the node: it holds its connections and answers nothing (a hung machine)."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused node."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def restart(self, timeout: float = 120) -> None:
+        """Kill the node if it runs, then boot it again on the same data."""
+        self.kill()
+        self.start(timeout)
 
     def _await_ready(self, timeout: float) -> None:
         _wait(lambda: _port_open(self.port), f"AMQP on {self.port}", timeout)
@@ -281,14 +337,151 @@ class RabbitNode:
         """
         # The VM names its home (in this node's directory) on its command line, so this finds it
         # with or without a pid file, and never a recycled pid.
-        pids = pids_mentioning(str(self.base))
-        pids += [child for pid in pids for child in _children(pid)]
-        _kill_all(sorted(set(pids)))
+        self.kill()
         # Keep the node's log beside the test's other files for a post-mortem.
         for log in self.log_dir.glob("*.log"):
             with contextlib.suppress(OSError):
                 shutil.copy(log, self.base.parent / f"{self.base.name}-{log.name}")
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+class RabbitCluster:
+    """Three private RabbitMQ nodes clustered with ``classic_config`` peer discovery.
+
+    They share a cookie of their own and a cluster name; each has its own node name, ports and
+    directories. Quorum queues declared on it get a replica on every node.
+    """
+
+    LETTERS = "abc"
+
+    def __init__(self, workdir: Path) -> None:
+        token = uuid.uuid4().hex[:8]
+        self.cluster_name = f"tributary-{token}"
+        cookie = uuid.uuid4().hex.upper()
+        names = [f"rabbit-{token}-{letter}@localhost" for letter in self.LETTERS]
+        config = (
+            f"cluster_name = {self.cluster_name}\n"
+            "cluster_formation.peer_discovery_backend = classic_config\n"
+            + "".join(
+                f"cluster_formation.classic_config.nodes.{n} = {name}\n"
+                for n, name in enumerate(names, 1)
+            )
+            + "cluster_formation.discovery_retry_limit = 1\n"
+            "cluster_formation.discovery_retry_interval = 200\n"
+        )
+        self.nodes = [
+            RabbitNode(
+                Path(workdir),
+                name=name,
+                cookie=cookie,
+                config=config,
+                # every quorum queue on all three (3.10's default, said out loud)
+                advanced=", {quorum_cluster_size, 3}",
+            )
+            for name in names
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        """One AMQP URL per node, in node order."""
+        return [node.url for node in self.nodes]
+
+    def start(self, timeout: float = 120) -> None:
+        """Boot the three nodes side by side; returns when each sees the other two running."""
+        try:
+            for node in self.nodes:
+                node.launch()
+            # the CLI takes seconds to start on a busy machine: ask the three at once
+            self._each(lambda node: node.wait_started(timeout))
+            self.wait_clustered(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _each(self, action: Callable[[RabbitNode], T]) -> list[T]:
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            return list(pool.map(action, self.nodes))
+
+    def running_nodes(self, node: RabbitNode) -> set[str]:
+        """The cluster members ``node`` reports as running (empty if it does not answer)."""
+        result = node.ctl("cluster_status", "--formatter", "json", check=False)
+        if result.returncode != 0:
+            return set()
+        try:
+            return set(json.loads(result.stdout).get("running_nodes", []))
+        except ValueError:
+            return set()
+
+    def clustered(self) -> bool:
+        """Whether every node reports all three running."""
+        everyone = {node.name for node in self.nodes}
+        return all(running == everyone for running in self._each(self.running_nodes))
+
+    def wait_clustered(self, timeout: float = 120) -> None:
+        _wait(self.clustered, f"cluster {self.cluster_name} of three running nodes", timeout, 0.5)
+
+    def node(self, name: str) -> RabbitNode:
+        """The node called ``name`` (``rabbit-…-a@localhost``)."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def quorum_queue(self, queue: str, via: RabbitNode | None = None) -> dict[str, Any]:
+        """``name``, ``leader``, ``members`` and ``online`` of a quorum queue, as a node sees it."""
+        for node in [via] if via is not None else self.nodes:
+            result = node.ctl(
+                "list_queues", "-q", "--formatter", "json",
+                "name", "leader", "members", "online", check=False,
+            )  # fmt: skip
+            if result.returncode != 0:
+                continue
+            for row in json.loads(result.stdout or "[]"):
+                if row.get("name") == queue:
+                    return dict(row)
+            raise KeyError(queue)
+        raise RuntimeError(f"no node of {self.cluster_name} answers")
+
+    def leader(self, queue: str) -> RabbitNode:
+        """The node leading quorum queue ``queue`` (asked of the first node that answers)."""
+        return self.node(str(self.quorum_queue(queue)["leader"]))
+
+    def kill(self, node: RabbitNode) -> None:
+        node.kill()
+
+    def pause(self, node: RabbitNode) -> None:
+        node.pause()
+
+    def resume(self, node: RabbitNode) -> None:
+        node.resume()
+
+    def restart(self, node: RabbitNode, timeout: float = 120) -> None:
+        """Kill ``node`` if it runs, boot it on its data; returns when it is back in the
+        cluster."""
+        node.restart(timeout)
+        self.wait_clustered(timeout)
+
+    def registered_in_epmd(self) -> list[str]:
+        """This cluster's node names still registered in epmd."""
+        epmd = shutil.which("epmd") or next(iter(sorted(glob.glob(EPMD_GLOB))), None)
+        if epmd is None:
+            return []
+        result = subprocess.run(
+            [epmd, "-names"], capture_output=True, text=True, timeout=10, check=False
+        )
+        short = {node.name.split("@")[0] for node in self.nodes}
+        return [
+            parts[1]
+            for line in result.stdout.splitlines()
+            if len(parts := line.split()) > 1 and parts[0] == "name" and parts[1] in short
+        ]
+
+    def stop(self) -> None:
+        """Kill every node (paused ones too) and remove their directories. Idempotent."""
+        for node in self.nodes:
+            node.resume()
+        for node in self.nodes:
+            node.stop()
 
 
 def _as_int(value: object) -> int:

@@ -1,5 +1,6 @@
 """pytest plugin: session fixtures ``rabbitmq`` and ``postgres`` found or started on demand,
-and private ``rabbit_node``/``postgres_node`` servers for fault tests."""
+private ``rabbit_node``/``postgres_node`` servers for fault tests, and a private three-node
+``rabbit_cluster`` for failover tests."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tributary.testkit.infra import Found, InfraUnavailable, find_postgres, find_rabbitmq
-from tributary.testkit.nodes import NodeUnavailable, PostgresNode, RabbitNode
+from tributary.testkit.nodes import NodeUnavailable, PostgresNode, RabbitCluster, RabbitNode
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +50,26 @@ def rabbit_node(tmp_path: Path) -> Iterator[RabbitNode]:
         yield node
     finally:
         node.stop()
+
+
+@pytest.fixture(scope="module")
+def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
+    """Three private RabbitMQ nodes in one cluster, shared by the tests of a module and removed
+    after them. Tests that ask for it are in the cluster lanes: without the RabbitMQ server
+    they fail, saying what to install."""
+    try:
+        cluster = RabbitCluster(tmp_path_factory.mktemp("cluster"))
+    except NodeUnavailable as exc:
+        pytest.fail(
+            f"a RabbitMQ cluster test needs the RabbitMQ server installed here "
+            f"(apt-get install rabbitmq-server): {exc}",
+            pytrace=False,
+        )
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

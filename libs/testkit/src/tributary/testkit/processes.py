@@ -21,9 +21,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def module_of(name: str) -> str:
+    """A service's module under ``tributary`` (and its settings prefix, upper-cased): the
+    workspace member's name with ``-`` as ``_`` (``payment-provider``: ``payment_provider``)."""
+    return name.replace("-", "_")
+
+
 @dataclass
 class ServiceProcess:
-    """One service: ``python -m tributary.<name>`` with its own env, log file and port."""
+    """One service: ``python -m tributary.<module_of(name)>`` with its own env, log file and
+    port."""
 
     name: str
     port: int
@@ -41,7 +48,7 @@ class ServiceProcess:
         log = self.log_path.open("ab")
         self._log = log
         self.process = subprocess.Popen(
-            [sys.executable, "-m", f"tributary.{self.name}"],
+            [sys.executable, "-m", f"tributary.{module_of(self.name)}"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

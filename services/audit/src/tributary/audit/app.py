@@ -11,6 +11,7 @@ from tributary.audit.checkpoints import Signer, checkpoint_periodically, load_si
 from tributary.audit.handlers import Checkpointing, build_handlers
 from tributary.audit.roles import grant_app_role
 from tributary.audit.settings import Settings
+from tributary.audit.ui import router as ui_router
 from tributary.messaging.bus import Bus
 from tributary.messaging.settings import MessagingSettings
 from tributary.messaging.uow import UnitOfWork
@@ -30,6 +31,7 @@ def create_app(
                 settings.migration_database_url or settings.database_url, settings.app_role
             )
         app.state.signer = signer
+        app.state.audit_settings = settings
         app.state.verified = None  # the last checkpoint /audit/verify found the chain reaches
 
         def unit_of_work() -> UnitOfWork | None:  # the bus starts after this hook
@@ -51,7 +53,7 @@ def create_app(
             name="audit",
             settings=settings,
             migrations=Path(__file__).parent / "migrations",
-            routers=[router],
+            routers=[router, ui_router],
             handlers=build_handlers(
                 settings.pii_key_bytes, Checkpointing(signer, settings.checkpoint_every)
             ),

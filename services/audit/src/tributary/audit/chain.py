@@ -5,11 +5,16 @@ chain never forks: on PostgreSQL a transaction-level advisory lock serializes ap
 every replica until they commit; SQLite has one writer at a time; and ``prev_hash`` is
 unique, so an append that raced anyway fails (and is retried by the runtime) instead of
 branching.
+
+The head (last entry, last checkpoint) is read once per transaction, in one statement, and then
+kept up to date by the appends of that transaction: a group commit of *k* events reads it once,
+not *k* times, and takes the advisory lock once.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography.exceptions import InvalidSignature
@@ -32,6 +37,7 @@ __all__ = [
     "append",
     "canonical_json",
     "entry_hash",
+    "head",
     "signature_holds",
     "verify",
 ]
@@ -62,22 +68,57 @@ def entry_hash(entry: AuditEntry, prev_hash: str) -> str:
     )
 
 
-async def append(session: AsyncSession, entry: AuditEntry) -> AuditEntry:
-    """Number ``entry``, link it to the last entry and insert it (not committed)."""
+@dataclass
+class Head:
+    """The chain as the current transaction sees it: its last entry and last checkpoint."""
+
+    transaction: object
+    seq: int
+    hash: str
+    checkpointed: int
+    """``seq`` of the last checkpoint (0: none)."""
+
+
+_HEAD = "tributary.audit.head"
+
+
+async def head(session: AsyncSession) -> Head:
+    """The chain's head, read (under the advisory lock on PostgreSQL) on first use in a
+    transaction; :func:`append` and the checkpointer keep it current until the transaction
+    ends. A new transaction (after a commit or a rollback) reads it again."""
+    transaction = session.sync_session.get_transaction()
+    known = session.info.get(_HEAD)
+    if isinstance(known, Head) and transaction is not None and known.transaction is transaction:
+        return known
     if session.get_bind().dialect.name == "postgresql":
         await session.exec(select(func.pg_advisory_xact_lock(CHAIN_LOCK)))
-    # flushed entries of this transaction count: a group commit appends many in order
+    checkpointed = select(func.max(AuditCheckpoint.seq)).scalar_subquery()
     last = (
         await session.exec(
-            select(AuditEntry.seq, AuditEntry.hash).order_by(col(AuditEntry.seq).desc()).limit(1)
+            select(AuditEntry.seq, AuditEntry.hash, checkpointed)
+            .order_by(col(AuditEntry.seq).desc())
+            .limit(1)
         )
     ).first()
-    seq, prev_hash = (last[0] + 1, last[1]) if last is not None else (1, GENESIS)
-    entry.seq = seq
-    entry.prev_hash = prev_hash
-    entry.hash = entry_hash(entry, prev_hash)
+    found = Head(
+        transaction=session.sync_session.get_transaction(),
+        seq=last[0] if last else 0,
+        hash=last[1] if last else GENESIS,
+        checkpointed=int(last[2] or 0) if last else 0,
+    )
+    session.info[_HEAD] = found
+    return found
+
+
+async def append(session: AsyncSession, entry: AuditEntry) -> AuditEntry:
+    """Number ``entry``, link it to the last entry and insert it (not committed)."""
+    last = await head(session)
+    entry.seq = last.seq + 1
+    entry.prev_hash = last.hash
+    entry.hash = entry_hash(entry, last.hash)
     session.add(entry)
     await session.flush()
+    last.seq, last.hash = entry.seq, entry.hash
     return entry
 
 

@@ -23,11 +23,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tributary.audit.chain import CHAIN_LOCK
-from tributary.audit.models import AuditCheckpoint, AuditEntry
+from tributary.audit.chain import head
+from tributary.audit.models import AuditCheckpoint
 from tributary.audit.settings import Settings
 from tributary.contracts.audit_chain import b64, checkpoint_message, key_id
 from tributary.contracts.events import AuditCheckpointV1
@@ -109,23 +108,16 @@ class Signer:
 
 
 async def last_checkpoint_seq(session: AsyncSession) -> int:
-    found = (await session.exec(select(func.max(AuditCheckpoint.seq)))).one()
-    return int(found or 0)
+    return (await head(session)).checkpointed
 
 
 async def checkpoint(uow: UnitOfWork, signer: Signer) -> AuditCheckpoint | None:
     """Sign the head if entries were appended since the last checkpoint (not committed)."""
     session = uow.session
-    if session.get_bind().dialect.name == "postgresql":
-        await session.exec(select(func.pg_advisory_xact_lock(CHAIN_LOCK)))
-    head = (
-        await session.exec(
-            select(AuditEntry.seq, AuditEntry.hash).order_by(col(AuditEntry.seq).desc()).limit(1)
-        )
-    ).first()
-    if head is None or head[0] <= await last_checkpoint_seq(session):
+    last = await head(session)
+    if last.seq <= last.checkpointed:
         return None
-    seq, head_hash = head
+    seq, head_hash = last.seq, last.hash
     signed_at = now()
     row = AuditCheckpoint(
         seq=seq,
@@ -148,6 +140,7 @@ async def checkpoint(uow: UnitOfWork, signer: Signer) -> AuditCheckpoint | None:
         subject=f"audit/checkpoints/{seq}",
     )
     await session.flush()
+    last.checkpointed = seq
     return row
 
 

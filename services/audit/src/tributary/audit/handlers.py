@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -14,6 +15,16 @@ from tributary.contracts.pii import mask_payload
 from tributary.messaging.bus import Handlers
 from tributary.messaging.db import as_utc, now
 from tributary.messaging.uow import UnitOfWork
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` (None for anything else, or the all-zero id)."""
+    match = _TRACEPARENT.match(traceparent or "")
+    if match is None or match.group(1) == "0" * 32:
+        return None
+    return match.group(1)
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ async def record_event(
             event_time=as_utc(event.time),
             recorded_at=now(),
             data=data,
+            trace_id=trace_id(event.traceparent),
         ),
     )
     if (

@@ -36,6 +36,9 @@ class AuditEntry(SQLModel, table=True):
     """The payload with every PII field masked (or replaced by a keyed hash)."""
     prev_hash: str = Field(default="", max_length=64, unique=True)
     hash: str = Field(default="", max_length=64, unique=True)
+    trace_id: str | None = Field(default=None, max_length=32)
+    """The trace id of the event's ``traceparent`` (32 hex digits), to find its trace: a
+    pointer for people, not evidence, so outside the hash (entries before it have none)."""
 
 
 class AuditCheckpoint(SQLModel, table=True):
@@ -95,6 +98,7 @@ class AuditEntryPublic(SQLModel):
     data: dict[str, Any]
     prev_hash: str
     hash: str
+    trace_id: str | None = None
 
 
 class AuditPage(SQLModel):

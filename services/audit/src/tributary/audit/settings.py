@@ -34,6 +34,16 @@ class Settings(ServiceSettings):
     )
     """Where a key is generated (mode 0600) when AUDIT_SIGNING_KEY is unset, or read from."""
 
+    jaeger_url: str = Field(
+        default="http://localhost:16686", max_length=500, validation_alias="AUDIT_JAEGER_URL"
+    )
+    """Where the timeline page links a trace (``<jaeger_url>/trace/<trace id>``)."""
+    identity_url: str | None = Field(
+        default=None, max_length=500, validation_alias="AUDIT_IDENTITY_URL"
+    )
+    """Where the timeline page's login exchanges an API key for a token (``POST
+    /oauth/token``); default: the token issuer, ``TRIBUTARY_AUTH_ISSUER``."""
+
     @property
     def pii_key_bytes(self) -> bytes | None:
         if self.pii_key is None or not self.pii_key.get_secret_value():

@@ -1,15 +1,18 @@
 """Subscriptions (a user's own: ``billing:read`` / ``billing:write``; anyone's with
-``users:admin`` too) and revenue (``revenue:read``)."""
+``users:admin`` too), revenue (``revenue:read``) and the subscriptions' sagas
+(``sagas:read``)."""
 
 from __future__ import annotations
 
 import logging
 import re
 import secrets
-from typing import Annotated
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
-from sqlalchemy import select, tuple_
+from sqlalchemy import ColumnElement, Row, Select, select, tuple_
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tributary.billing import crypto
@@ -17,9 +20,13 @@ from tributary.billing.commands import Billing
 from tributary.billing.eventstore import ConcurrencyConflict
 from tributary.billing.plans import PRICES
 from tributary.billing.provider import ProviderClient, ProviderError, ProviderRefused
+from tributary.billing.saga import SagaState
 from tributary.billing.schemas import (
     Revenue,
     RevenueLine,
+    SagaPage,
+    SagaPublic,
+    SagaRow,
     SubscriptionCreate,
     SubscriptionPage,
     SubscriptionPublic,
@@ -55,6 +62,16 @@ def _provider(request: Request) -> ProviderClient:
     return provider
 
 
+@asynccontextmanager
+async def _reading(request: Request) -> AsyncIterator[AsyncSession]:
+    """A read session for a route that writes afterwards, closed before it does: a request
+    holding its read connection across the provider call and the unit of work (a second
+    connection) would, in a burst, leave every pooled connection held by a request waiting
+    for another one, until the pool's timeout."""
+    async with request.app.state.sessions() as session:
+        yield session
+
+
 def _etag(response: Response, subscription: Subscription) -> None:
     response.headers["ETag"] = f'"{subscription.version}"'
 
@@ -88,7 +105,6 @@ async def create_subscription(
     request: Request,
     response: Response,
     bus: BusDep,
-    session: SessionDep,
     principal: Annotated[Principal, require("billing:write")],
     body: SubscriptionCreate,
 ) -> SubscriptionPublic:
@@ -101,7 +117,9 @@ async def create_subscription(
     user_id = body.user_id or principal.subject
     if user_id != principal.subject and not principal.is_admin:
         raise not_owner()
-    if await was_erased(session, user_id):
+    async with _reading(request) as session:
+        erased = await was_erased(session, user_id)
+    if erased:
         raise not_found(f"There is no user {user_id}.", field="body.user_id")
     billing = _billing(request)
     key = await crypto.ensure_key(request.app.state.sessions, user_id)
@@ -165,6 +183,27 @@ async def _record(
     return await billing.execute(bus, command, run)
 
 
+async def _page(
+    session: AsyncSession,
+    query: Select[Any],
+    at: ColumnElement[Any],
+    key: ColumnElement[Any],
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[Row[Any]], bool]:
+    """One page of ``query``, newest ``at`` first (ties by ``key``), after ``cursor``; and
+    whether there is more."""
+    if cursor is not None:
+        try:
+            before = parse_cursor(cursor)
+        except ValueError:
+            raise invalid("query.cursor", "is not a cursor this service issued", "cursor") from None
+        query = query.where(tuple_(at, key) < before)
+    query = query.order_by(at.desc(), key.desc()).limit(limit + 1)
+    rows = list((await session.exec(query)).all())  # type: ignore[call-overload]
+    return rows[:limit], len(rows) > limit
+
+
 @router.get("/subscriptions", responses=problem_responses(403, 422))
 async def list_subscriptions(
     request: Request,
@@ -186,16 +225,10 @@ async def list_subscriptions(
     query = select(table).where(table.c.user_id == user_id)
     if status is not None:
         query = query.where(table.c.status == status)
-    if cursor is not None:
-        try:
-            before = parse_cursor(cursor)
-        except ValueError:
-            raise invalid("query.cursor", "is not a cursor this service issued", "cursor") from None
-        query = query.where(tuple_(table.c.created_at, table.c.subscription_id) < before)
-    query = query.order_by(table.c.created_at.desc(), table.c.subscription_id.desc())
-    rows = list((await session.exec(query.limit(limit + 1))).all())  # type: ignore[call-overload]
-    items = [SubscriptionRow.of(row) for row in rows[:limit]]
-    more = len(rows) > limit
+    rows, more = await _page(
+        session, query, table.c.created_at, table.c.subscription_id, cursor, limit
+    )
+    items = [SubscriptionRow.of(row) for row in rows]
     return SubscriptionPage(
         items=items,
         next_cursor=make_cursor(items[-1].created_at, items[-1].id) if more else None,
@@ -231,7 +264,6 @@ async def cancel_subscription(
     request: Request,
     response: Response,
     bus: BusDep,
-    session: SessionDep,
     principal: Annotated[Principal, require("billing:write")],
     subscription_id: SubscriptionId,
     if_match: Annotated[str | None, Header(alias="If-Match", max_length=20)] = None,
@@ -245,7 +277,8 @@ async def cancel_subscription(
     """
     billing = _billing(request)
     expected = _expected(if_match)
-    seen = await _visible(billing, session, subscription_id, principal)
+    async with _reading(request) as session:
+        seen = await _visible(billing, session, subscription_id, principal)
     if seen.status == "pending_payment" and seen.checkout_id is not None:
         try:
             await _provider(request).expire_checkout(seen.checkout_id)
@@ -291,3 +324,53 @@ async def revenue(request: Request, session: SessionDep) -> Revenue:
     ]
     position = await projector.position_of(session, "revenue")
     return Revenue(lines=lines, position=position)
+
+
+@router.get(
+    "/sagas/{subscription_id}",
+    tags=["sagas"],
+    dependencies=[require("sagas:read")],
+    responses=problem_responses(404),
+)
+async def get_saga(
+    request: Request, session: SessionDep, subscription_id: SubscriptionId
+) -> SagaPublic:
+    """A subscription's saga (payment → activation, or compensation), from its event stream:
+    state, the subscription's status, why, every step with the time it was recorded, and the
+    activation timeout still to come."""
+    subscription = await _billing(request).load(session, subscription_id)
+    if not subscription.exists:
+        raise not_found(
+            f"There is no saga {subscription_id}.",
+            field="path.subscription_id",
+            message="no such saga",
+        )
+    return SagaPublic.of(subscription)
+
+
+@router.get("/sagas", tags=["sagas"], dependencies=[require("sagas:read")])
+async def list_sagas(
+    request: Request,
+    session: SessionDep,
+    state: Annotated[
+        SagaState | None,
+        Query(description="e.g. `compensating`: refunds not (yet) done, the stuck ones"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="`next_cursor` of the previous page")
+    ] = None,
+) -> SagaPage:
+    """Sagas from the read model, most recently changed first (`state` filters)."""
+    table = await _billing(request).projector.table_of(session, "sagas")
+    query = select(table)
+    if state is not None:
+        query = query.where(table.c.state == state)
+    rows, more = await _page(
+        session, query, table.c.updated_at, table.c.subscription_id, cursor, limit
+    )
+    items = [SagaRow.of(row) for row in rows]
+    return SagaPage(
+        items=items,
+        next_cursor=make_cursor(items[-1].updated_at, items[-1].id) if more else None,
+    )

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -11,7 +12,7 @@ from tributary.billing import api, webhooks
 from tributary.billing.commands import Billing
 from tributary.billing.events import CURRENT_VERSIONS
 from tributary.billing.eventstore import EventStore
-from tributary.billing.handlers import event_handlers
+from tributary.billing.handlers import SagaHandlers, command_handlers, event_handlers
 from tributary.billing.metrics import BillingMetrics
 from tributary.billing.projections import Projector
 from tributary.billing.provider import ProviderClient
@@ -44,24 +45,46 @@ def create_app(
     settings = settings or Settings()
     metrics = BillingMetrics()
     store = EventStore(UPCASTERS, CURRENT_VERSIONS)
-    billing = Billing(store, Projector(store), metrics, retries=settings.command_retries)
+    billing = Billing(
+        store,
+        Projector(store),
+        metrics,
+        retries=settings.command_retries,
+        activation_timeout=timedelta(seconds=settings.activation_timeout_seconds),
+    )
     # a malformed secret stops the service here, naming no value
     try:
         signers = [Webhook(secret) for secret in webhook_secrets(settings)]
     except Exception:
         raise ValueError("BILLING_WEBHOOK_SECRETS: a secret is not whsec_<base64>") from None
     receiver = webhooks.Receiver(billing, metrics, signers, settings.webhook_max_bytes)
+    started: list[FastAPI] = []
+
+    def provider() -> ProviderClient:
+        """The provider client of the running app (made at start-up, see below)."""
+        client: ProviderClient = started[0].state.provider
+        return client
+
+    saga = SagaHandlers(billing, metrics, provider)
 
     async def startup(stack: AsyncExitStack, app: FastAPI) -> None:
         if webhook_secrets(settings) == [DEVELOPMENT_WEBHOOK_SECRET]:
             log.warning("BILLING_WEBHOOK_SECRETS is not set: the development secret is accepted")
         if provider_api_key(settings) == DEVELOPMENT_PROVIDER_API_KEY:
             log.warning("BILLING_PROVIDER_API_KEY is not set: the provider's development key")
-        provider = ProviderClient(
+        client = ProviderClient(
             settings.provider_url, provider_api_key(settings), settings.provider_timeout_seconds
         )
-        stack.push_async_callback(provider.aclose)
-        app.state.provider = provider
+        stack.push_async_callback(client.aclose)
+        app.state.provider = client
+        started[:] = [app]
+        # a projection added since the last start (or left behind) catches up before
+        # anything is appended or read
+        async with app.state.sessions() as session:
+            applied = await billing.projector.catch_up(session)
+            await session.commit()
+        if applied:
+            log.info("projections caught up: %d event application(s)", applied)
 
     app = build(
         ServiceSpec(
@@ -69,7 +92,8 @@ def create_app(
             settings=settings,
             migrations=Path(__file__).parent / "migrations",
             routers=[api.router, webhooks.router()],
-            handlers=event_handlers(billing, metrics),
+            handlers=event_handlers(billing, metrics, saga),
+            commands=command_handlers(saga),
             messaging=messaging,
             startup=startup,
             description=(

@@ -10,6 +10,12 @@ meet another writer again and a burst of writers on one subscription all get thr
 after the other. A command that may not be retried (one made on a version the client saw:
 ``If-Match``) lets the conflict through: 409 over HTTP. Bus handlers raise the conflict and
 the messaging runtime retries the delivery.
+
+``save`` also stages the saga's own steps (``billing.saga`` commands to billing itself) that
+the appended events call for, in the same transaction: ``ActivationTimeoutScheduled`` → the
+``activation_timeout`` step, delivered at its ``due_at`` (a scheduled outbox row);
+``CompensationStarted`` → the ``refund`` step, at once. Each is staged with the one event
+that calls for it, so at most once per subscription; its handling is idempotent anyway.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import TypeVar
 
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -27,8 +34,10 @@ from tributary.billing.eventstore import ConcurrencyConflict, EventStore, NewEve
 from tributary.billing.metrics import BillingMetrics
 from tributary.billing.models import StreamIndex
 from tributary.billing.projections import Projector
+from tributary.billing.saga import REFUND_STEP, TIMEOUT_STEP
 from tributary.billing.subscription import Subscription
 from tributary.contracts.events import (
+    BillingSagaV1,
     PaymentFailedV1,
     PaymentRefundedV1,
     PaymentSucceededV1,
@@ -49,14 +58,25 @@ def payment_id_for(checkout_id: str) -> str:
     return f"pay_{hashlib.sha256(f'checkout:{checkout_id}'.encode()).hexdigest()[:24]}"
 
 
+DEFAULT_ACTIVATION_TIMEOUT = timedelta(seconds=300)
+
+
 class Billing:
     def __init__(
-        self, store: EventStore, projector: Projector, metrics: BillingMetrics, *, retries: int
+        self,
+        store: EventStore,
+        projector: Projector,
+        metrics: BillingMetrics,
+        *,
+        retries: int,
+        activation_timeout: timedelta = DEFAULT_ACTIVATION_TIMEOUT,
     ) -> None:
         self.store = store
         self.projector = projector
         self.metrics = metrics
         self.retries = retries
+        self.activation_timeout = activation_timeout
+        """How long identity has to activate a paid plan before the saga refunds it."""
 
     async def load(self, session: AsyncSession, subscription_id: str) -> Subscription:
         """The subscription as its stream says (an empty one: ``exists`` is False)."""
@@ -103,6 +123,7 @@ class Billing:
             subscription.apply(domain, row.version, row.recorded_at)
             await self._index(uow.session, subscription, domain)
             self._announce(uow, subscription, domain)
+            self._schedule(uow, subscription, domain)
         await self.projector.apply(uow.session, stored)
         return stored
 
@@ -115,6 +136,22 @@ class Billing:
             session.add(
                 StreamIndex(kind="payment", key=domain.payment_id, stream_id=subscription.id)
             )
+
+    def _schedule(self, uow: UnitOfWork, subscription: Subscription, domain: DomainEvent) -> None:
+        """Stage the saga step a domain event calls for (whether or not the user was erased:
+        the money goes back all the same)."""
+        if isinstance(domain, events.ActivationTimeoutScheduled):
+            step, at = TIMEOUT_STEP, domain.due_at
+        elif isinstance(domain, events.CompensationStarted):
+            step, at = REFUND_STEP, None
+        else:
+            return
+        uow.outbox.add(
+            BillingSagaV1(step=step, subscription_id=subscription.id),
+            subject=f"subscriptions/{subscription.id}",
+            idempotency_key=f"billing.saga:{step}:{subscription.id}",
+            deliver_at=at,
+        )
 
     def _announce(self, uow: UnitOfWork, subscription: Subscription, domain: DomainEvent) -> None:
         """Stage the integration event a domain event implies (in the same transaction)."""

@@ -18,6 +18,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from tributary.billing.plans import Plan
 
 CancelReason = Literal["cancelled_by_user", "refunded", "activation_rejected", "activation_timeout"]
+RejectionReason = Literal["unknown_user", "already_subscribed"]
 Cents = Annotated[int, Field(ge=1)]
 
 
@@ -112,6 +113,36 @@ class ActivationConfirmed(DomainEvent):
     activated_at: AwareDatetime
 
 
+class ActivationTimeoutScheduled(DomainEvent):
+    """The saga's deadline for identity to activate the plan (a scheduled ``billing.saga``
+    command staged with it checks at ``due_at``)."""
+
+    name: ClassVar[str] = "ActivationTimeoutScheduled"
+
+    due_at: AwareDatetime
+
+
+class ActivationRejected(DomainEvent):
+    """Identity will not activate the plan (``subscription.activation_rejected``)."""
+
+    name: ClassVar[str] = "ActivationRejected"
+
+    reason: RejectionReason
+    event_id: str
+    rejected_at: AwareDatetime
+
+
+class CompensationStarted(DomainEvent):
+    """The saga gives the money back: a ``refund`` step is staged with it. ``reason`` says
+    why: ``activation_timeout``, ``activation_rejected:<identity's reason>`` or
+    ``late_payment`` (paid after the subscription was cancelled)."""
+
+    name: ClassVar[str] = "CompensationStarted"
+
+    reason: Annotated[str, Field(min_length=1, max_length=100)]
+    started_at: AwareDatetime
+
+
 class Cancelled(DomainEvent):
     name: ClassVar[str] = "Cancelled"
 
@@ -130,6 +161,9 @@ EVENT_TYPES: dict[str, type[DomainEvent]] = {
         PaymentFailed,
         Refunded,
         ActivationConfirmed,
+        ActivationTimeoutScheduled,
+        ActivationRejected,
+        CompensationStarted,
         Cancelled,
     )
 }

@@ -34,6 +34,16 @@ class BillingMetrics:
             registry=None,
         )
 
+        self.saga_steps = Counter(
+            "tributary_billing_saga_steps",
+            "Saga steps handled (activation_timeout, refund, activation_rejected) by outcome: "
+            "compensating (compensation started), refunded, no_change (not needed any more), "
+            "suppressed (a replay), refused (the provider said no: dead-lettered), unavailable "
+            "(the provider did not answer: retried)",
+            ["step", "outcome"],
+            registry=None,
+        )
+
     @property
     def collectors(self) -> list[Collector]:
-        return [self.webhooks, self.conflicts, self.unmatched, self.appended]
+        return [self.webhooks, self.conflicts, self.unmatched, self.appended, self.saga_steps]

@@ -10,8 +10,8 @@ and deletes). Everything else is derived from it or serves it:
 * ``webhook_receipts``: every webhook accepted, by its ``webhook-id`` (the provider's event id)
   and the SHA-256 of its body: a replay is recognised, a replay with another body refused.
 * ``projection_state``: each projection's position in the store and the table it serves from.
-* ``proj_subscriptions`` and ``proj_revenue``: the read models (Core tables, named through
-  ``projection_state`` so that a rebuild can fill a fresh table and swap it in).
+* ``proj_subscriptions``, ``proj_revenue`` and ``proj_sagas``: the read models (Core tables,
+  named through ``projection_state`` so that a rebuild can fill a fresh table and swap it in).
 """
 
 from __future__ import annotations
@@ -136,5 +136,20 @@ def revenue_table(name: str, metadata: MetaData | None = None) -> Table:
     )
 
 
+def sagas_table(name: str, metadata: MetaData | None = None) -> Table:
+    return Table(
+        name,
+        metadata if metadata is not None else MetaData(),
+        Column("subscription_id", String(60), primary_key=True),
+        Column("state", String(30), nullable=False),
+        Column("reason", String(500), nullable=True),
+        Column("pending_timeout_at", UtcDateTime(), nullable=True),
+        Column("version", Integer, nullable=False),
+        Column("updated_at", UtcDateTime(), nullable=False),
+        Index(f"ix_{name}_state", "state", "updated_at"),
+    )
+
+
 subscriptions_table("proj_subscriptions", PROJECTIONS)
 revenue_table("proj_revenue", PROJECTIONS)
+sagas_table("proj_sagas", PROJECTIONS)

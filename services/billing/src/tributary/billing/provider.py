@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -34,6 +35,16 @@ class Checkout:
     status: str
 
 
+@dataclass(frozen=True)
+class Refund:
+    id: str
+    payment_id: str
+    amount_cents: int
+    created_at: datetime
+    replayed: bool
+    """The provider answered the refund made earlier with the same idempotency key."""
+
+
 class ProviderClient:
     def __init__(self, base_url: str, api_key: str, timeout: float) -> None:
         self._http = httpx.AsyncClient(
@@ -54,18 +65,24 @@ class ProviderClient:
             raise ProviderUnavailable(
                 f"the provider did not answer ({type(exc).__name__})"
             ) from exc
+        return self._body(response)
+
+    @staticmethod
+    def _body(response: httpx.Response) -> dict[str, Any]:
         if response.status_code >= 500:
             raise ProviderUnavailable(f"the provider answered {response.status_code}")
         if response.status_code >= 400:
             try:
                 detail = str(response.json().get("detail", ""))[:200]
-            except ValueError:
+            except (ValueError, AttributeError):
                 detail = ""
             raise ProviderRefused(response.status_code, detail)
         try:
-            body: dict[str, Any] = response.json()
+            body = response.json()
         except ValueError as exc:
             raise ProviderUnavailable("the provider answered something that is not JSON") from exc
+        if not isinstance(body, dict):
+            raise ProviderUnavailable("the provider answered something that is not an object")
         return body
 
     async def create_checkout(
@@ -96,11 +113,30 @@ class ProviderClient:
 
     async def refund(
         self, payment_id: str, *, amount_cents: int | None, reason: str, idempotency_key: str
-    ) -> dict[str, Any]:
-        """Refund (part of) a payment at the provider (the saga's compensation, to come)."""
-        return await self._call(
-            "POST",
-            f"/payments/{payment_id}/refunds",
-            json={"amount_cents": amount_cents, "reason": reason},
-            headers={"Idempotency-Key": idempotency_key},
-        )
+    ) -> Refund:
+        """Refund ``amount_cents`` of the provider's payment (None: all that is left). The
+        same ``idempotency_key`` with the same body answers the refund made the first time,
+        so a repeated call refunds once; :class:`ProviderRefused` when the provider will not
+        (409: nothing left, or the key was used with another body)."""
+        try:
+            response = await self._http.post(
+                f"/payments/{payment_id}/refunds",
+                json={"amount_cents": amount_cents, "reason": reason},
+                headers={"Idempotency-Key": idempotency_key},
+            )
+        except httpx.HTTPError as exc:
+            log.warning("payment provider refund: %s", type(exc).__name__)
+            raise ProviderUnavailable(
+                f"the provider did not answer ({type(exc).__name__})"
+            ) from exc
+        body = self._body(response)
+        try:
+            return Refund(
+                id=str(body["id"]),
+                payment_id=str(body["payment_id"]),
+                amount_cents=int(body["amount_cents"]),
+                created_at=datetime.fromisoformat(str(body["created_at"])),
+                replayed=response.headers.get("Idempotent-Replayed") == "true",
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProviderUnavailable("the provider's refund answer lacks a field") from exc

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tributary.billing.plans import Plan
+from tributary.billing.saga import TIMEOUT_STEP, SagaState, SagaStep
 from tributary.billing.subscription import Status, Subscription
 
 UserId = Annotated[str, Field(pattern=r"^usr_[A-Za-z0-9]{8,40}$")]
@@ -116,6 +117,79 @@ class Revenue(BaseModel):
     lines: list[RevenueLine]
     position: int
     """The event-store position the figures include."""
+
+
+class SagaStepPublic(BaseModel):
+    """One event of the saga's stream: what happened, and when it was recorded."""
+
+    version: int
+    type: str
+    at: datetime
+
+
+class PendingTimeout(BaseModel):
+    step: SagaStep
+    due_at: datetime
+
+
+class SagaPublic(BaseModel):
+    """A subscription's saga as its event stream says (always up to date)."""
+
+    id: str
+    """The subscription's id (the saga's)."""
+    state: SagaState
+    status: Status
+    """The subscription's status."""
+    reason: str | None
+    """Why it is in its state (compensation, failure, cancellation or refund), if known."""
+    version: int
+    steps: list[SagaStepPublic]
+    pending_timeout: PendingTimeout | None
+    """The activation timeout still to come (``awaiting_activation`` only)."""
+
+    @classmethod
+    def of(cls, subscription: Subscription) -> SagaPublic:
+        assert subscription.status is not None  # noqa: S101 -- only existing ones are shown
+        saga = subscription.saga
+        pending = (
+            PendingTimeout(step=TIMEOUT_STEP, due_at=saga.pending_timeout_at)
+            if saga.pending_timeout_at is not None
+            else None
+        )
+        return cls(
+            id=subscription.id,
+            state=saga.state,
+            status=subscription.status,
+            reason=saga.reason,
+            version=subscription.version,
+            steps=[
+                SagaStepPublic(version=s.version, type=s.type, at=s.recorded_at)
+                for s in subscription.history
+            ],
+            pending_timeout=pending,
+        )
+
+
+class SagaRow(BaseModel):
+    """A saga as the read model has it (``GET /sagas``)."""
+
+    id: str
+    state: SagaState
+    reason: str | None
+    pending_timeout_at: datetime | None
+    version: int
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: Any) -> SagaRow:
+        values = dict(row._mapping)
+        values["id"] = values.pop("subscription_id")
+        return cls.model_validate(values)
+
+
+class SagaPage(BaseModel):
+    items: list[SagaRow]
+    next_cursor: str | None
 
 
 def make_cursor(created_at: datetime, subscription_id: str) -> str:

@@ -41,6 +41,11 @@ class Settings(ServiceSettings):
         default=16 * 1024, ge=256, validation_alias="BILLING_WEBHOOK_MAX_BYTES"
     )
     """A webhook body larger than this is refused (413) unread."""
+    activation_timeout_seconds: float = Field(
+        default=300, gt=0, validation_alias="BILLING_ACTIVATION_TIMEOUT_SECONDS"
+    )
+    """How long identity has to activate a paid plan (``subscription.activated``) before the
+    saga refunds the payment and cancels the subscription."""
     command_retries: int = Field(default=10, ge=1, validation_alias="BILLING_COMMAND_RETRIES")
     """Attempts of a command that may be retried when another writer appended to its
     subscription first (optimistic concurrency)."""

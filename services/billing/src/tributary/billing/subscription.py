@@ -4,7 +4,8 @@
 it to ``decide`` and gets the new events to append (none when the command changes nothing:
 every decision is idempotent). The decisions never touch a database or a clock of their
 own: they are plain functions of the state and the command, which a property test drives
-with random sequences.
+with random sequences. The subscription's saga (``saga``, see :mod:`tributary.billing.saga`)
+is folded from the same events.
 
 States, and the events that move them:
 
@@ -13,36 +14,51 @@ from              event                                           to
 ================  ==============================================  =========================
 (none)            SubscriptionRequested                           requested
 requested         CheckoutCreated / CheckoutFailed                pending_payment / checkout_failed
-pending_payment   PaymentSucceeded / PaymentFailed                paid / payment_failed
+pending_payment   PaymentSucceeded (with ActivationTimeout-       paid / payment_failed
+                  Scheduled) / PaymentFailed
 paid              ActivationConfirmed                             active
+paid              CompensationStarted (the activation timeout     compensating
+                  passed; or ActivationRejected before it)
 paid, active      Refunded (full; with Cancelled "refunded")      refunded
+compensating      Refunded (full; with Cancelled "activation_...  refunded
+                  timeout" / "activation_rejected")
 requested, pending_payment, checkout_failed, payment_failed
                   Cancelled (by the user)                         cancelled
 cancelled         PaymentSucceeded (late: paid after cancelling)  refund_due
+refund_due        CompensationStarted ("late_payment")            compensating
 refund_due        Refunded (full)                                 refunded
 ================  ==============================================  =========================
 
-A partial refund leaves the state as it is.
+A partial refund leaves the state as it is. ``ActivationTimeoutScheduled`` and
+``ActivationRejected`` leave it as it is too (the first sets the saga's deadline).
+``Cancelled`` is appended at most once per subscription: a compensated late payment, whose
+subscription was cancelled before, ends without another.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 from tributary.billing.events import (
     ActivationConfirmed,
+    ActivationRejected,
+    ActivationTimeoutScheduled,
     Cancelled,
+    CancelReason,
     CheckoutCreated,
     CheckoutFailed,
+    CompensationStarted,
     DomainEvent,
     PaymentFailed,
     PaymentSucceeded,
     Refunded,
+    RejectionReason,
     SubscriptionRequested,
 )
 from tributary.billing.plans import Plan
+from tributary.billing.saga import SagaFold, advance, cancel_reason_for
 
 Status = Literal[
     "requested",
@@ -53,24 +69,16 @@ Status = Literal[
     "payment_failed",
     "cancelled",
     "refund_due",
+    "compensating",
     "refunded",
 ]
-STATUSES: tuple[Status, ...] = (
-    "requested",
-    "pending_payment",
-    "checkout_failed",
-    "paid",
-    "active",
-    "payment_failed",
-    "cancelled",
-    "refund_due",
-    "refunded",
-)
+STATUSES: tuple[Status, ...] = get_args(Status)
 AWAITING_PAYMENT: frozenset[Status] = frozenset({"requested", "pending_payment"})
 CANCELLABLE: frozenset[Status] = frozenset(
     {"requested", "pending_payment", "checkout_failed", "payment_failed"}
 )
-PAID: frozenset[Status] = frozenset({"paid", "active", "refund_due"})
+PAID: frozenset[Status] = frozenset({"paid", "active", "refund_due", "compensating"})
+"""Money taken and not (all) given back."""
 
 
 class InvalidTransition(Exception):
@@ -103,9 +111,16 @@ class Subscription:
     refunded_cents: int = 0
     refund_ids: set[str] = field(default_factory=set)
     activation_id: str | None = None
+    activation_due_at: datetime | None = None
+    """The saga's activation deadline (set with the payment)."""
+    compensation_reason: str | None = None
+    """Why the saga gives the money back (None: it does not)."""
+    cancelled: bool = False
+    """A ``Cancelled`` was appended (there is never a second)."""
     created_at: datetime | None = None
     updated_at: datetime | None = None
     history: list[Step] = field(default_factory=list)
+    saga: SagaFold = field(default_factory=SagaFold)
 
     @property
     def exists(self) -> bool:
@@ -143,8 +158,16 @@ class Subscription:
         elif isinstance(event, ActivationConfirmed):
             self.status = "active"
             self.activation_id = event.activation_id
-        elif isinstance(event, Cancelled) and self.status != "refunded":
-            self.status = "cancelled"
+        elif isinstance(event, ActivationTimeoutScheduled):
+            self.activation_due_at = event.due_at
+        elif isinstance(event, CompensationStarted):
+            self.status = "compensating"
+            self.compensation_reason = event.reason
+        elif isinstance(event, Cancelled):
+            self.cancelled = True
+            if self.status != "refunded":
+                self.status = "cancelled"
+        self.saga = advance(self.saga, event)
         self.version = version
         self.updated_at = recorded_at
         self.history.append(Step(version, event.name, recorded_at))
@@ -187,24 +210,31 @@ class Subscription:
         provider_payment_id: str,
         provider_event_id: str,
         paid_at: datetime,
+        activation_due_at: datetime | None = None,
     ) -> list[DomainEvent]:
+        """Record the payment and set the saga's activation deadline (``activation_due_at``;
+        None: identity may take as long as it takes); a payment after cancelling (late)
+        starts compensating at once instead."""
         if self.payment_id == payment_id and self.status in PAID | {"refunded"}:
             return []  # this payment is recorded already (another event id announced it)
         if self.status in PAID | {"refunded"}:
             raise InvalidTransition(f"subscription {self.id} is paid by {self.payment_id}")
         late = self.status not in AWAITING_PAYMENT | {"payment_failed"}
-        return [
-            PaymentSucceeded(
-                payment_id=payment_id,
-                provider_payment_id=provider_payment_id,
-                provider_event_id=provider_event_id,
-                amount_cents=self.amount_cents,
-                currency=self.currency,
-                plan=self.plan,
-                late=late,
-                paid_at=paid_at,
-            )
-        ]
+        paid = PaymentSucceeded(
+            payment_id=payment_id,
+            provider_payment_id=provider_payment_id,
+            provider_event_id=provider_event_id,
+            amount_cents=self.amount_cents,
+            currency=self.currency,
+            plan=self.plan,
+            late=late,
+            paid_at=paid_at,
+        )
+        if late:
+            return [paid, CompensationStarted(reason="late_payment", started_at=paid_at)]
+        if activation_due_at is None:
+            return [paid]
+        return [paid, ActivationTimeoutScheduled(due_at=activation_due_at)]
 
     def payment_failed(
         self, *, payment_id: str, provider_event_id: str, reason: str, at: datetime
@@ -231,6 +261,9 @@ class Subscription:
         reason: str | None,
         at: datetime,
     ) -> list[DomainEvent]:
+        """Record a refund (the provider's webhook, or the saga's own refund step: whichever
+        comes first; the other finds the refund id recorded). Refunded in full, the
+        subscription ends (``Cancelled``) unless it had ended before."""
         if refund_id in self.refund_ids:
             return []
         if self.status not in PAID or self.payment_id is None:
@@ -251,8 +284,11 @@ class Subscription:
                 refunded_at=at,
             )
         ]
-        if full and self.status != "refund_due":  # a late payment's subscription ended before
-            events.append(Cancelled(reason="refunded", payment_id=self.payment_id, cancelled_at=at))
+        if full and not self.cancelled:  # a late payment's subscription was cancelled before
+            why: CancelReason = "refunded"
+            if self.status == "compensating" and self.compensation_reason is not None:
+                why = cancel_reason_for(self.compensation_reason)
+            events.append(Cancelled(reason=why, payment_id=self.payment_id, cancelled_at=at))
         return events
 
     def confirm_activation(
@@ -262,6 +298,25 @@ class Subscription:
             return []  # again, or too late (refunded, cancelled): the saga compensates later
         return [
             ActivationConfirmed(activation_id=activation_id, event_id=event_id, activated_at=at)
+        ]
+
+    def activation_timed_out(self, at: datetime) -> list[DomainEvent]:
+        """The saga's activation timeout: still only paid, so identity did not activate the
+        plan in time; compensate. Anything else (active, compensating, ended): nothing."""
+        if self.status != "paid":
+            return []
+        return [CompensationStarted(reason="activation_timeout", started_at=at)]
+
+    def activation_rejected(
+        self, *, reason: RejectionReason, event_id: str, at: datetime
+    ) -> list[DomainEvent]:
+        """Identity will not activate the plan: compensate, if the subscription is still only
+        paid (a rejection after a timeout, or again, changes nothing)."""
+        if self.status != "paid":
+            return []
+        return [
+            ActivationRejected(reason=reason, event_id=event_id, rejected_at=at),
+            CompensationStarted(reason=f"activation_rejected:{reason}", started_at=at),
         ]
 
     def cancel(self, at: datetime) -> list[DomainEvent]:

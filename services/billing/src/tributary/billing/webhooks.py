@@ -26,8 +26,9 @@ checkout, another amount) or ``ignored`` (a type billing does not handle, or a c
 subscription's state refuses): those two are logged and counted, never retried.
 
 The webhook's receipt (id and SHA-256 of the body), the domain events, the integration events
-(outbox) and the projections commit in one transaction; nothing else is done before the
-answer, so the provider gets it fast.
+(outbox), the saga's next step (a paid subscription's activation timeout, scheduled) and the
+projections commit in one transaction; nothing else is done before the answer, so the
+provider gets it fast.
 """
 
 from __future__ import annotations
@@ -284,6 +285,7 @@ class Receiver:
                     provider_payment_id=_given(data.payment_id),
                     provider_event_id=webhook_id,
                     paid_at=_given(data.paid_at),
+                    activation_due_at=now() + self.billing.activation_timeout,
                 )
             elif notice.type == "payment.failed":
                 decided = subscription.payment_failed(

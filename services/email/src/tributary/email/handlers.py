@@ -7,31 +7,53 @@ Exactly-once is not on offer over SMTP; this is how close the service gets:
   keyed by it. A key that has a row is never sent again, whatever event id, version or
   redelivery carries it. A replayed delivery (``uow.is_replay``, unless forced) sends nothing
   and records no email (user.created still refreshes the ``recipients`` projection).
-* the row is flushed *before* the SMTP conversation, inside the handler's transaction: on
-  PostgreSQL a competing consumer handling the same logical email blocks on the unique key
-  until this transaction ends, then fails, is retried, finds the row and does nothing (on
-  SQLite the database write lock serialises them the same way).
+* the key is **claimed before the SMTP conversation**, in a short transaction of its own
+  (committed on a connection of its own): the row is written as ``sending`` with a claim time
+  and token, so no database lock is held while SMTP talks and deliveries are sent
+  concurrently. Then, in the handler's transaction, the row becomes ``sent`` (with
+  ``email.sent.v1`` in the outbox) or ``failed``. A delivery that finds the key ``sending``
+  under a **fresh** claim (younger than ``EMAIL_CLAIM_LEASE_SECONDS``, 3 x SMTP_TIMEOUT by
+  default: another consumer is on it) raises :class:`ClaimHeld`, a transient error: it is
+  retried later and then finds the email settled, or the claim stale. A **stale** claim is
+  taken over (a compare-and-set on the token) and the email sent -- with the same
+  Message-ID. Two claimers of a new key meet on its unique index: one fails and is retried.
+  The SMTP part of a delivery must end within half the lease, or it is abandoned as a
+  timeout, so a live consumer's claim is never taken over.
+* a transient SMTP failure gives the claim back at once (the row it made is deleted, the
+  welcome window it took is given back), so the retry claims it anew.
 * the catalog marks these types irreversible for ``email``, so the runtime handles them one
   per transaction: one email's failure never rolls back another's record.
 * the ``Message-ID`` derives from the logical key (``<sha256(key)[:32]@tributary.dev>``).
 
-The window that cannot be closed: the SMTP server accepts the mail and the process dies (or
-the commit fails) before the transaction commits. The delivery is then redelivered, no row
-exists, and the mail is sent again -- with the **same Message-ID**, so a receiving MTA or
-mail client that deduplicates on it shows it once. Closing the window would need the SMTP
-server to take part in our transaction, which it cannot.
+Where a crash leaves things:
+
+* **killed after the claim committed, before the SMTP server took the mail**: the redelivery
+  finds a fresh claim and is retried (delayed-retry queues: 1 s, 10 s, 60 s) until the lease
+  has passed, then takes it over and sends it, once. Keep the lease below the sum of the
+  retry tiers, or the delivery is dead-lettered first (replay it: it is sent then).
+* **killed after the SMTP server accepted the mail, before the handler's transaction
+  committed ``sent``** (or that commit failed): the window that cannot be closed. After the
+  lease the redelivery takes the claim over and the mail is sent again -- with the **same
+  Message-ID**, so a receiving MTA or mail client that deduplicates on it shows it once.
+  Closing the window would need the SMTP server to take part in our transaction, which it
+  cannot. When the process lives on (a failed commit retried), it remembers the keys its SMTP
+  server accepted and settles them without sending them again.
 
 **One welcome per address per window.** Before a welcome email is sent, a keyed hash (HMAC with
-the service's address key) of the normalised address is looked up in ``welcome_sends``: an
-address that got a welcome within ``EMAIL_WELCOME_WINDOW_HOURS`` (24 h) gets none now -- the
-email is recorded as ``suppressed`` and nothing is emitted. Signing up, erasing and signing up
-again cannot mail an address over and over. The table holds hashes only, so it survives erasure.
+the service's address key) of the normalised address is looked up in ``welcome_sends``, in the
+claim's transaction: an address that got a welcome within ``EMAIL_WELCOME_WINDOW_HOURS`` (24 h)
+gets none now -- the email is recorded as ``suppressed`` and nothing is emitted. Signing up,
+erasing and signing up again cannot mail an address over and over. The table holds hashes
+only, so it survives erasure.
 
 **Erasure** (``user.erased``): the user's ``recipients`` row goes, the records of their emails
 (by user id, or sent to one of their addresses) keep their logical key -- so nothing is ever
 sent twice -- but lose the address (``to`` becomes ``[erased]``) and the error text; the outbox
 and the DLQs lose what mentions them; the user id is remembered, and later events about the
-user (reordered, retried, replayed) send and store nothing.
+user (reordered, retried, replayed) send and store nothing. A ``sending`` claim is anonymised
+like the rest; one left by a crash is never taken over once its address is gone (it is settled
+as ``suppressed``). A mail already in an SMTP conversation when the erasure commits still goes
+out, but its ``email.sent`` carries no address (none is announced).
 
 Failures: a transient SMTP error (connection refused, timeout, 4xx) is raised, so the runtime
 retries it in-process, then through the delayed-retry queues, then dead-letters it. A
@@ -41,17 +63,23 @@ recorded as ``failed`` and ``email.failed.v1`` (``permanent: true``) is emitted.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
+import secrets
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
 
 from sqlalchemy import delete, func, or_, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tributary.contracts.envelope import Event
 from tributary.contracts.events import (
@@ -64,7 +92,7 @@ from tributary.contracts.events import (
     UserEmailChangedV1,
     UserErasedV1,
 )
-from tributary.email.mailer import PermanentSmtpError, Sender
+from tributary.email.mailer import PermanentSmtpError, Sender, TransientSmtpError
 from tributary.email.models import (
     ERASED_ADDRESS,
     EmailRecord,
@@ -87,6 +115,30 @@ DEVELOPMENT_ADDRESS_KEY = b"tributary-development-address-key"
 """Used when ``EMAIL_ADDRESS_KEY`` is not set (a warning is logged): never in production."""
 
 
+class Claims:
+    """Where claims commit: sessions of their own (``bind``: the app's claim engine, whose
+    connections the handlers' transactions never hold), else new sessions on the handler's
+    engine (tests)."""
+
+    def __init__(self) -> None:
+        self.sessions: async_sessionmaker[AsyncSession] | None = None
+
+    def bind(self, sessions: async_sessionmaker[AsyncSession] | None) -> None:
+        self.sessions = sessions
+
+    def session(self, uow: UnitOfWork) -> AsyncSession:
+        if self.sessions is not None:
+            return self.sessions()
+        engine = uow.session.bind
+        if not isinstance(engine, AsyncEngine):
+            raise RuntimeError("the unit of work's session is not bound to an engine")
+        return AsyncSession(engine, expire_on_commit=False)
+
+
+ACCEPTED_REMEMBERED = 10_000
+"""Logical keys accepted by SMTP that a process keeps in mind (see :meth:`Delivery.accepted`)."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """How mail leaves: the SMTP client and the ``From`` address (built in ``create_app``)."""
@@ -97,6 +149,18 @@ class Delivery:
     """The HMAC key of the address hashes the welcome window keeps."""
     welcome_window: timedelta = timedelta(hours=24)
     """At most one welcome email per address in this time; zero: no limit."""
+    claim_lease: timedelta = timedelta(seconds=30)
+    """A claim older than this is taken over (its consumer died, or lost its transaction)."""
+    claims: Claims = field(default_factory=Claims)
+    accepted: OrderedDict[str, bool] = field(default_factory=OrderedDict)
+    """Keys the SMTP server accepted in this process (the last few thousand): a retry after
+    the handler's transaction failed settles them without sending them again."""
+
+    def remember_accepted(self, logical_key: str) -> None:
+        self.accepted[logical_key] = True
+        self.accepted.move_to_end(logical_key)
+        while len(self.accepted) > ACCEPTED_REMEMBERED:
+            self.accepted.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -114,8 +178,21 @@ class Outgoing:
     """RFC 8058 one-click unsubscribe URL (``email.send``'s ``list_unsubscribe_url``)."""
 
 
-Gate = Callable[[Outgoing, UnitOfWork, Delivery], Awaitable[bool]]
-"""Decides, once the logical key is known to be new, whether the email may go out now."""
+class ClaimHeld(Exception):
+    """Transient on purpose: another consumer claimed this email moments ago and may be
+    talking SMTP right now; the delivery is retried and finds it settled, or the claim stale."""
+
+
+@dataclass(frozen=True)
+class Passed:
+    """A gate's yes; ``undo`` gives back what it took if the email then fails transiently."""
+
+    undo: Callable[[AsyncSession], Awaitable[None]] | None = None
+
+
+Gate = Callable[[Outgoing, AsyncSession, Delivery], Awaitable[Passed | None]]
+"""Decides, in the claim's transaction, once the logical key is new, whether the email may go
+out now (``Passed``) or not (``None``)."""
 
 
 def address_hash(address: str, key: bytes) -> str:
@@ -124,26 +201,38 @@ def address_hash(address: str, key: bytes) -> str:
     return hmac.new(key, normalised.encode(), hashlib.sha256).hexdigest()
 
 
-async def welcome_window_open(mail: Outgoing, uow: UnitOfWork, delivery: Delivery) -> bool:
-    """True (and the address's welcome claimed for now) unless the address got a welcome
-    within the window. The claim is in the handler's transaction: a send that fails and is
-    retried claims nothing; two deliveries claiming one address at once serialise on the row
-    (the loser fails, is retried and finds the window closed)."""
+async def welcome_window_open(
+    mail: Outgoing, session: AsyncSession, delivery: Delivery
+) -> Passed | None:
+    """Passed (and the address's welcome claimed for now) unless the address got a welcome
+    within the window. The claim is in the email's claim transaction: two deliveries claiming
+    one address at once serialise on the row (the loser's claim fails and is retried, finding
+    the window closed); an email that then fails transiently gives the window back."""
     if delivery.welcome_window <= timedelta(0):
-        return True
+        return Passed()
     digest = address_hash(mail.to, delivery.address_key)
     stamp = now()
     query = select(WelcomeSend).where(col(WelcomeSend.address_hash) == digest).with_for_update()
-    last = (await uow.session.exec(query)).first()
+    last = (await session.exec(query)).first()
     if last is None:
-        uow.session.add(WelcomeSend(address_hash=digest, last_sent_at=stamp))
+        session.add(WelcomeSend(address_hash=digest, last_sent_at=stamp))
+        previous = None
     elif as_utc(last.last_sent_at) > stamp - delivery.welcome_window:
-        return False
+        return None
     else:
+        previous = last.last_sent_at
         last.last_sent_at = stamp
-        uow.session.add(last)
-    await uow.session.flush()
-    return True
+        session.add(last)
+    await session.flush()
+
+    async def undo(session: AsyncSession) -> None:
+        mine = col(WelcomeSend.address_hash) == digest
+        if previous is None:
+            await session.exec(delete(WelcomeSend).where(mine))
+        else:
+            await session.exec(update(WelcomeSend).where(mine).values(last_sent_at=previous))
+
+    return Passed(undo)
 
 
 class RecipientNotYetKnown(Exception):
@@ -175,6 +264,209 @@ def compose(mail: Outgoing, from_address: str, message_id: str) -> EmailMessage:
     return message
 
 
+@dataclass(frozen=True)
+class Claim:
+    """This consumer's hold on one logical email, committed before it talks SMTP."""
+
+    email_id: str
+    message_id: str
+    token: str
+    created: bool
+    """The claim made the row (a takeover found it): releasing it deletes the row."""
+    gate: Passed | None = None
+    accepted: bool = False
+    """The SMTP server accepted this email in this process already: settle, do not resend."""
+
+
+SETTLED = ("sent", "failed", "suppressed")
+
+
+def _record(mail: Outgoing, status: str, token: str | None) -> EmailRecord:
+    return EmailRecord(
+        id=email_id_for(mail.logical_key),
+        logical_key=mail.logical_key,
+        message_id=message_id_for(mail.logical_key),
+        to=mail.to,
+        template=mail.template,
+        status=status,
+        user_id=mail.user_id,
+        correlation_id=context.current().correlation_id,
+        claimed_at=now() if token else None,
+        claimed_by=token,
+    )
+
+
+async def claim(
+    mail: Outgoing, uow: UnitOfWork, delivery: Delivery, gate: Gate | None
+) -> Claim | None:
+    """Claim ``mail`` in a short transaction of its own, committed before any SMTP.
+
+    None: nothing to send (settled before, suppressed by the gate, or its recipient erased
+    while a crashed claim waited). Raises :class:`ClaimHeld` while another consumer's claim
+    is fresh.
+    """
+    email_id = email_id_for(mail.logical_key)
+    token = secrets.token_hex(16)
+    async with delivery.claims.session(uow) as session:
+        row = (
+            await session.exec(
+                select(EmailRecord).where(col(EmailRecord.logical_key) == mail.logical_key)
+            )
+        ).first()
+        if row is None:
+            # the row first: on SQLite its insert takes the write lock, so the gate's read
+            # below sees every other claim; on PostgreSQL a second claimer of the key waits on
+            # the unique index, then fails and is retried
+            session.add(_record(mail, "sending", token))
+            try:
+                await session.flush()
+                passed = Passed() if gate is None else await gate(mail, session, delivery)
+                if passed is None:
+                    await session.exec(
+                        update(EmailRecord)
+                        .where(col(EmailRecord.id) == email_id)
+                        .values(status="suppressed", claimed_at=None, claimed_by=None)
+                    )
+                await session.commit()
+            except IntegrityError as exc:
+                raise ClaimHeld(f"email {email_id} was claimed at the same moment") from exc
+            if passed is None:
+                log.info(
+                    "%s email %s suppressed: its address had one within the window",
+                    mail.template,
+                    email_id,
+                )
+                return None
+            return Claim(email_id, message_id_for(mail.logical_key), token, True, passed)
+        if row.status in SETTLED:
+            log.info("%s email %s was handled before: not sent again", mail.template, email_id)
+            return None
+        if delivery.accepted.get(mail.logical_key):  # sent by this process: settle it
+            return Claim(email_id, row.message_id, token, created=False, accepted=True)
+        if row.to == ERASED_ADDRESS:  # a crashed claim whose recipient was erased since
+            await session.exec(
+                update(EmailRecord)
+                .where(col(EmailRecord.id) == email_id, col(EmailRecord.status) == "sending")
+                .values(status="suppressed", claimed_at=None, claimed_by=None)
+            )
+            await session.commit()
+            log.info("%s email %s not sent: its recipient was erased", mail.template, email_id)
+            return None
+        stamp = now()
+        cutoff = stamp - delivery.claim_lease
+        if row.claimed_at is not None and as_utc(row.claimed_at) > cutoff:
+            raise ClaimHeld(
+                f"email {email_id} is being sent by another consumer (claimed at "
+                f"{as_utc(row.claimed_at).isoformat()}): retried later"
+            )
+        held = col(EmailRecord.claimed_by)
+        taken = await session.exec(
+            update(EmailRecord)
+            .where(col(EmailRecord.id) == email_id, col(EmailRecord.status) == "sending")
+            .where(held.is_(None) if row.claimed_by is None else held == row.claimed_by)
+            .values(claimed_at=stamp, claimed_by=token, to=mail.to)
+        )
+        await session.commit()
+        if not taken.rowcount:
+            raise ClaimHeld(f"email {email_id} was taken over by another consumer")
+        if row.claimed_at is not None:  # not released: its consumer died or lost track of it
+            log.warning(
+                "%s email %s: took over a claim older than %s s; it may have been sent "
+                "already and is sent again with the same Message-ID",
+                mail.template,
+                email_id,
+                f"{delivery.claim_lease.total_seconds():g}",
+            )
+        return Claim(email_id, row.message_id, token, created=False)
+
+
+async def release(held: Claim, uow: UnitOfWork, delivery: Delivery) -> None:
+    """Give a claim back after a transient failure: the retry claims it at once.
+
+    A claim that made the row deletes it (and gives the welcome window back): a transient
+    failure leaves nothing behind, as before claims were committed. A takeover clears the
+    held. A failure here leaves the claim to expire with its lease.
+    """
+    mine = (col(EmailRecord.id) == held.email_id, col(EmailRecord.claimed_by) == held.token)
+    try:
+        async with delivery.claims.session(uow) as session:
+            if held.created:
+                gone = await session.exec(delete(EmailRecord).where(*mine))
+                if gone.rowcount and held.gate is not None and held.gate.undo is not None:
+                    await held.gate.undo(session)
+            else:
+                await session.exec(
+                    update(EmailRecord).where(*mine).values(claimed_at=None, claimed_by=None)
+                )
+            await session.commit()
+    except (OSError, SQLAlchemyError) as exc:
+        log.warning("claim of email %s not released (it expires): %s", held.email_id, exc)
+
+
+async def settle(
+    mail: Outgoing, held: Claim, uow: UnitOfWork, failure: PermanentSmtpError | None
+) -> None:
+    """Mark the claimed email sent (``email.sent``) or failed (``email.failed``), in the
+    handler's transaction; the inbox row and the outbox event commit with it."""
+    stamp = now()
+    status = "failed" if failure is not None else "sent"
+    marked = await uow.session.exec(
+        update(EmailRecord)
+        .where(col(EmailRecord.id) == held.email_id, col(EmailRecord.status) == "sending")
+        .values(
+            status=status,
+            sent_at=None if failure else stamp,
+            error=failure.reason if failure else None,
+            claimed_at=None,
+            claimed_by=None,
+        )
+        .returning(col(EmailRecord.to))
+        .execution_options(synchronize_session=False)
+    )
+    to = marked.scalar_one_or_none()
+    if to is None:
+        log.info("%s email %s was settled by another consumer", mail.template, held.email_id)
+        return
+    if to == ERASED_ADDRESS:
+        log.info(
+            "%s email %s %s; its recipient was erased meanwhile",
+            mail.template,
+            held.email_id,
+            status,
+        )
+        return
+    subject = f"emails/{held.email_id}"
+    if failure is not None:
+        uow.outbox.add(
+            EmailFailedV1(
+                email_id=held.email_id,
+                to=to,
+                template=mail.template,
+                reason=failure.reason,
+                permanent=True,
+                user_id=mail.user_id,
+                failed_at=stamp,
+            ),
+            subject=subject,
+            idempotency_key=f"email.failed:{held.email_id}",
+        )
+        log.warning("%s email %s failed for good: %s", mail.template, held.email_id, failure.reason)
+        return
+    uow.outbox.add(
+        EmailSentV1(
+            email_id=held.email_id,
+            message_id=held.message_id,
+            to=to,
+            template=mail.template,
+            user_id=mail.user_id,
+            sent_at=stamp,
+        ),
+        subject=subject,
+        idempotency_key=f"email.sent:{held.email_id}",
+    )
+    log.info("%s email %s sent", mail.template, held.email_id)
+
+
 async def deliver(
     mail: Outgoing, uow: UnitOfWork, delivery: Delivery, *, gate: Gate | None = None
 ) -> None:
@@ -183,75 +475,39 @@ async def deliver(
     ``gate``: asked once the key is new; when it says no, the email is recorded as
     ``suppressed`` (so the key is settled for good) and nothing is sent or emitted.
     """
-    email_id = email_id_for(mail.logical_key)
     if replayed(uow, mail.template):
         return
-    known = await uow.session.exec(
-        select(EmailRecord.id).where(col(EmailRecord.logical_key) == mail.logical_key)
-    )
-    if known.first() is not None:
-        log.info("%s email %s was handled before: not sent again", mail.template, email_id)
+    # the claim reads the row: one settled before is not sent again
+    held = await claim(mail, uow, delivery, gate)
+    if held is None:
         return
-    allowed = gate is None or await gate(mail, uow, delivery)
-    record = EmailRecord(
-        id=email_id,
-        logical_key=mail.logical_key,
-        message_id=message_id_for(mail.logical_key),
-        to=mail.to,
-        template=mail.template,
-        status="sending" if allowed else "suppressed",
-        user_id=mail.user_id,
-        correlation_id=context.current().correlation_id,
-    )
-    uow.session.add(record)
-    await uow.session.flush()  # claims the logical key before anything leaves the building
-    if not allowed:
-        log.info(
-            "%s email %s suppressed: its address had one within the window",
-            mail.template,
-            record.id,
-        )
-        return
-    try:
-        await delivery.mailer.send(compose(mail, delivery.from_address, record.message_id))
-    except PermanentSmtpError as exc:
-        record.status = "failed"
-        record.error = exc.reason
-        uow.outbox.add(
-            EmailFailedV1(
-                email_id=record.id,
-                to=record.to,
-                template=mail.template,
-                reason=exc.reason,
-                permanent=True,
-                user_id=record.user_id,
-                failed_at=now(),
-            ),
-            subject=f"emails/{record.id}",
-            idempotency_key=f"email.failed:{record.id}",
-        )
-        log.warning("%s email %s failed for good: %s", mail.template, record.id, exc.reason)
-        return
-    record.status = "sent"
-    record.sent_at = now()
-    uow.outbox.add(
-        EmailSentV1(
-            email_id=record.id,
-            message_id=record.message_id,
-            to=record.to,
-            template=mail.template,
-            user_id=record.user_id,
-            sent_at=record.sent_at,
-        ),
-        subject=f"emails/{record.id}",
-        idempotency_key=f"email.sent:{record.id}",
-    )
-    log.info("%s email %s sent", mail.template, record.id)
+    if not held.accepted:
+        budget = delivery.claim_lease.total_seconds() / 2  # settled well within the lease
+        try:
+            message = compose(mail, delivery.from_address, held.message_id)
+            async with asyncio.timeout(budget):
+                await delivery.mailer.send(message)
+        except PermanentSmtpError as exc:
+            await settle(mail, held, uow, exc)
+            return
+        except TimeoutError as exc:
+            await release(held, uow, delivery)
+            raise TransientSmtpError(f"no answer from the SMTP server within {budget:g} s") from exc
+        except Exception:
+            await release(held, uow, delivery)
+            raise
+        delivery.remember_accepted(mail.logical_key)
+    await settle(mail, held, uow, None)
 
 
-async def remember_recipient(user: UserCreatedV2, uow: UnitOfWork) -> Recipient:
-    """Keep the address of ``user``: later events about the user carry only its id."""
-    recipient = await uow.session.get(Recipient, user.user_id)
+async def remember_recipient(
+    user: UserCreatedV2, uow: UnitOfWork, known: Recipient | None
+) -> Recipient:
+    """Keep the address of ``user``: later events about the user carry only its id.
+
+    ``known``: the user's row as this transaction read it (only user.created makes the row, and
+    the inbox lets one delivery of it commit)."""
+    recipient = known
     if recipient is None:
         recipient = Recipient(
             user_id=user.user_id,
@@ -269,18 +525,21 @@ async def on_user_created(event: Event[UserCreatedV2], uow: UnitOfWork, delivery
     if await was_erased(uow.session, user.user_id):
         log.info("user.created for erased user %s: nothing stored or sent", user.user_id)
         return
-    recipient = await remember_recipient(user, uow)  # a projection, rebuilt on replay too
+    known = await uow.session.get(Recipient, user.user_id)
     text = render("welcome", user.locale, {"given_name": user.given_name})
     mail = Outgoing(
         logical_key=f"welcome:{user.user_id}",
-        to=recipient.email,  # the address changed since, if a forced replay sends it late
+        # the address changed since, if a forced replay sends it late
+        to=known.email if known is not None else user.email,
         template="welcome",
         subject=text.subject,
         body=text.body,
         locale=user.locale,
         user_id=user.user_id,
     )
+    # the claim commits on a connection of its own: this transaction writes nothing before it
     await deliver(mail, uow, delivery, gate=welcome_window_open)
+    await remember_recipient(user, uow, known)  # a projection, rebuilt on replay too
 
 
 async def on_subscription_activated(

@@ -32,7 +32,8 @@ class EmailBase(SQLModel):
     template: str = Field(max_length=40)
     status: str = Field(max_length=10)
     """``sent``, ``failed`` or ``suppressed`` (a welcome to an address that had one within the
-    window); ``sending`` exists only inside the transaction that sends."""
+    window, or a claimed email whose recipient was erased before it went out); ``sending``: a
+    consumer claimed it (committed before the SMTP conversation) and has not settled it yet."""
     user_id: str | None = Field(default=None, max_length=60, index=True)
     correlation_id: str | None = Field(default=None, max_length=200)
     error: str | None = Field(default=None, max_length=500)
@@ -44,6 +45,11 @@ class EmailRecord(EmailBase, table=True):
     id: str = Field(primary_key=True, max_length=60)
     created_at: datetime = Field(default_factory=now)
     sent_at: datetime | None = None
+    claimed_at: datetime | None = Field(default=None, sa_type=UtcDateTime, nullable=True)
+    """When the consumer sending it (``sending``) claimed it; none once settled, or released.
+    A claim older than the lease is taken over by the next delivery of the email."""
+    claimed_by: str | None = Field(default=None, max_length=32)
+    """The claim's random token: only its holder releases it."""
 
 
 class EmailPublic(EmailBase):

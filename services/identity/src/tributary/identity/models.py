@@ -104,13 +104,20 @@ def hash_secret(secret: str) -> str:
 
 
 class Subscription(SQLModel, table=True):
+    """A paid plan a payment bought: ``active``, or ``cancelled`` (billing's
+    ``subscription.cancelled``). A cancelled row that was never activated (``activated_at``
+    empty) is a tombstone: billing cancelled the payment before identity saw it, so its late
+    ``payment.succeeded`` activates nothing. One row per payment (the id derives from it)."""
+
     __tablename__ = "subscriptions"
 
     id: str = Field(primary_key=True, max_length=60)
     user_id: str = Field(foreign_key="users.id", max_length=60, index=True)
     plan: str = Field(max_length=20)
     payment_id: str = Field(max_length=60, unique=True)
-    activated_at: datetime = _timestamp()
+    status: str = Field(default="active", max_length=20)
+    activated_at: datetime | None = _timestamp(nullable=True)
+    cancelled_at: datetime | None = _timestamp(nullable=True)
 
     @staticmethod
     def id_for_payment(payment_id: str) -> str:

@@ -175,6 +175,8 @@ class WebhookMetrics:
             ["service", "reason"],
             registry=self._registry,
         )
+        for reason in ("gone", "failing"):  # shown at 0 so an alert sees the first one's rise
+            self.disabled.labels(service, reason)
 
     def collect(self) -> Iterable[Metric]:
         return self._registry.collect()

@@ -3,13 +3,13 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from sqlalchemy import delete
-from sqlmodel import col
+from sqlalchemy import delete, exists
+from sqlmodel import col, select
 
 from tributary.contracts.envelope import Event
 from tributary.contracts.events import UserCreatedV2, UserErasedV1, WorkspaceCreatedV1
 from tributary.messaging.bus import Handlers
-from tributary.messaging.erasure import remember_erased, was_erased
+from tributary.messaging.erasure import ErasedUser, remember_erased
 from tributary.messaging.uow import UnitOfWork
 from tributary.onboarding.models import Workspace
 
@@ -18,9 +18,26 @@ log = logging.getLogger("tributary.onboarding.handlers")
 
 async def on_user_created(event: Event[UserCreatedV2], uow: UnitOfWork) -> None:
     user = event.data
-    if await was_erased(uow.session, user.user_id):
+    workspace_id = Workspace.id_for(user.user_id)
+    session = uow.session
+    # made earlier in this transaction (a group commit handles many events in one): still
+    # pending, as the check below does not flush
+    if any(isinstance(o, Workspace) and o.id == workspace_id for o in session.new):
+        return
+    # both checks in one statement, without flushing the rows earlier events of the batch
+    # staged: they are inserted together at commit (one statement per table, not per event)
+    with session.no_autoflush:
+        erased, made = (
+            await session.exec(
+                select(
+                    exists().where(col(ErasedUser.user_id) == user.user_id),
+                    exists().where(col(Workspace.id) == workspace_id),
+                )
+            )
+        ).one()
+    if erased:
         return  # arrived after the user's erasure (events are not ordered): nothing to make
-    if await uow.session.get(Workspace, Workspace.for_owner(user.user_id, "").id) is not None:
+    if made:
         return  # already made (e.g. the same user announced under another event id)
     workspace = Workspace.for_owner(user.user_id, f"{user.given_name}'s workspace"[:200])
     uow.session.add(workspace)

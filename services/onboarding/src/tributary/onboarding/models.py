@@ -19,11 +19,14 @@ class Workspace(WorkspaceBase, table=True):
     id: str = Field(primary_key=True, max_length=60)
     created_at: datetime = Field(default_factory=now)
 
+    @staticmethod
+    def id_for(owner_id: str) -> str:
+        """The id derives from the owner: a redelivered event can only ever make this one."""
+        return f"ws_{hashlib.sha256(owner_id.encode()).hexdigest()[:20]}"
+
     @classmethod
     def for_owner(cls, owner_id: str, name: str) -> Workspace:
-        """The id derives from the owner: a redelivered event can only ever make this one."""
-        digest = hashlib.sha256(owner_id.encode()).hexdigest()[:20]
-        return cls(id=f"ws_{digest}", owner_id=owner_id, name=name)
+        return cls(id=cls.id_for(owner_id), owner_id=owner_id, name=name)
 
 
 class WorkspacePublic(WorkspaceBase):

@@ -151,8 +151,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_table("proj_revenue")
-    op.drop_table("proj_subscriptions")
+    # a rebuild may have swapped in other tables (proj_<name>_<n>): drop what projection_state
+    # names too
+    bind = op.get_bind()
+    served = bind.execute(sa.text("SELECT table_name FROM projection_state")).scalars().all()
+    for name in {"proj_revenue", "proj_subscriptions", *served}:
+        op.execute(f'DROP TABLE IF EXISTS "{name}"')
     op.drop_table("projection_state")
     op.drop_table("webhook_receipts")
     op.drop_table("stream_index")
