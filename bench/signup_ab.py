@@ -143,7 +143,7 @@ def main(args: argparse.Namespace) -> str:
 def cli() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument(
-        "--base", default="4da7648", help="the earlier commit (default: before the CPU work)"
+        "--base", default="5fb6ede", help="the earlier commit (default: before the CPU work)"
     )
     parser.add_argument("--rounds", type=int, default=2, help="runs of each, alternating")
     parser.add_argument("--quick", action="store_true", help="one round each: a smoke run")
