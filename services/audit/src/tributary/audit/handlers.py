@@ -5,9 +5,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
-from tributary.audit.chain import append
+from tributary.audit.chain import append_row
 from tributary.audit.checkpoints import Signer, checkpoint, last_checkpoint_seq
-from tributary.audit.models import AuditEntry
 from tributary.contracts.catalog import catalog
 from tributary.contracts.envelope import Event
 from tributary.contracts.events import AuditCheckpointV1, Payload, UserErasedV1, payload_type
@@ -49,25 +48,25 @@ async def record_event(
         data = mask_payload(payload.routing_key, data, style="hash", key=pii_key)
     else:
         data = mask_payload(payload.routing_key, data)
-    entry = await append(
+    row = await append_row(
         uow.session,
-        AuditEntry(
-            event_id=event.id,
-            type=event.type,
-            data_type=payload.routing_key,
-            source=event.source,
-            subject=event.subject,
-            correlation_id=event.correlationid,
-            causation_id=event.causationid,
-            event_time=as_utc(event.time),
-            recorded_at=now(),
-            data=data,
-            trace_id=trace_id(event.traceparent),
-        ),
+        {
+            "event_id": event.id,
+            "type": event.type,
+            "data_type": payload.routing_key,
+            "source": event.source,
+            "subject": event.subject,
+            "correlation_id": event.correlationid,
+            "causation_id": event.causationid,
+            "event_time": as_utc(event.time),
+            "recorded_at": now(),
+            "data": data,
+            "trace_id": trace_id(event.traceparent),
+        },
     )
     if (
         checkpoints is not None
-        and entry.seq - await last_checkpoint_seq(uow.session) >= checkpoints.every
+        and row["seq"] - await last_checkpoint_seq(uow.session) >= checkpoints.every
     ):
         await checkpoint(uow, checkpoints.signer)
 
