@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlmodel import col, func, select
@@ -106,6 +107,17 @@ class Head:
 
 _HEAD = "tributary.audit.head"
 
+_LOCK = sa.select(func.pg_advisory_xact_lock(CHAIN_LOCK))
+_READ_HEAD = (
+    sa.select(
+        col(AuditEntry.seq),
+        col(AuditEntry.hash),
+        sa.select(func.max(AuditCheckpoint.seq)).scalar_subquery(),
+    )
+    .order_by(col(AuditEntry.seq).desc())
+    .limit(1)
+)
+
 
 async def head(session: AsyncSession) -> Head:
     """The chain's head, read (under the advisory lock on PostgreSQL) on first use in a
@@ -115,16 +127,12 @@ async def head(session: AsyncSession) -> Head:
     known = session.info.get(_HEAD)
     if isinstance(known, Head) and transaction is not None and known.transaction is transaction:
         return known
-    if session.get_bind().dialect.name == "postgresql":
-        await session.exec(select(func.pg_advisory_xact_lock(CHAIN_LOCK)))
-    checkpointed = select(func.max(AuditCheckpoint.seq)).scalar_subquery()
-    last = (
-        await session.exec(
-            select(AuditEntry.seq, AuditEntry.hash, checkpointed)
-            .order_by(col(AuditEntry.seq).desc())
-            .limit(1)
-        )
-    ).first()
+    # Core statements built once, on the session's connection: the ORM's execute path (and
+    # its autoflush) is not needed to read two columns
+    connection = await session.connection()
+    if connection.dialect.name == "postgresql":
+        await connection.execute(_LOCK)
+    last = (await connection.execute(_READ_HEAD)).first()
     found = Head(
         transaction=session.sync_session.get_transaction(),
         seq=last[0] if last else 0,
