@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import cast
 
 import pytest
 from sqlalchemy import event
@@ -125,6 +127,12 @@ async def sqlite_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_engine(request: pytest.FixtureRequest) -> AsyncEngine:
+    """The migrated audit database on SQLite, then on PostgreSQL."""
+    return cast(AsyncEngine, request.getfixturevalue(f"{request.param}_engine"))
+
+
 def chain_reads(engine: AsyncEngine) -> list[str]:
     """The statements that read the chain's head, as they run."""
     seen: list[str] = []
@@ -138,10 +146,10 @@ def chain_reads(engine: AsyncEngine) -> list[str]:
 
 
 async def test_a_transaction_reads_the_head_once_however_many_entries_it_appends(
-    sqlite_engine: AsyncEngine,
+    any_engine: AsyncEngine,
 ) -> None:
-    reads = chain_reads(sqlite_engine)
-    sessions = session_factory(sqlite_engine)
+    reads = chain_reads(any_engine)
+    sessions = session_factory(any_engine)
     async with sessions() as session, session.begin():
         for n in range(1, 6):
             await chain.append(session, an_entry(n))
@@ -153,9 +161,9 @@ async def test_a_transaction_reads_the_head_once_however_many_entries_it_appends
 
 
 async def test_the_next_transaction_reads_the_head_again_after_others_appended_or_a_rollback(
-    sqlite_engine: AsyncEngine,
+    any_engine: AsyncEngine,
 ) -> None:
-    sessions = session_factory(sqlite_engine)
+    sessions = session_factory(any_engine)
     async with sessions() as mine:
         async with mine.begin():
             await chain.append(mine, an_entry(1))
@@ -171,3 +179,50 @@ async def test_the_next_transaction_reads_the_head_again_after_others_appended_o
     async with sessions() as session:
         result = await chain.verify(session)
     assert (result.ok, result.entries) == (True, 4)
+
+
+def test_the_hash_format_is_the_one_stored_chains_were_written_with() -> None:
+    entry = AuditEntry(
+        seq=7,
+        event_id="evt-7",
+        type="com.tributary.user.created.v1",
+        data_type="user.created.v2",
+        source="/services/identity",
+        subject="users/usr_0000000007",
+        correlation_id="corr-7",
+        causation_id=None,
+        event_time=datetime(2026, 3, 1, 13, 30, tzinfo=timezone(timedelta(hours=1))),
+        recorded_at=datetime(2026, 3, 1, 12, 30, 0, 123456, tzinfo=UTC),
+        data={"user_id": "usr_0000000007", "email": "a***@example.com", "name": "Zoë"},
+        trace_id="0af7651916cd43dd8448eb211c80319c",  # outside the hash
+    )
+    # computed by the ORM-based append this chain was first written with
+    expected = "1b62b301da26ebec28c4125df1cc7f37ed3c9666bd3230e9771be48851eaad0a"
+    assert chain.entry_hash(entry, "ab" * 32) == expected
+    row = {name: getattr(entry, name) for name in chain.COLUMNS}
+    assert chain.row_hash(row, "ab" * 32) == expected
+    entry.trace_id = None
+    assert chain.entry_hash(entry, "ab" * 32) == expected
+
+
+async def test_appended_rows_read_back_with_the_hash_they_were_inserted_with(
+    any_engine: AsyncEngine,
+) -> None:
+    sessions = session_factory(any_engine)
+    async with sessions() as session, session.begin():
+        rows = [
+            await chain.append_row(
+                session, {name: getattr(an_entry(n), name) for name in chain.COLUMNS}
+            )
+            for n in range(1, 4)
+        ]
+        assert not session.new  # nothing for the ORM to flush
+    assert [row["seq"] for row in rows] == [1, 2, 3]
+    async with sessions() as session:
+        stored = (await session.exec(select(AuditEntry).order_by(col(AuditEntry.seq)))).all()
+        result = await chain.verify(session)
+    assert [(e.seq, e.prev_hash, e.hash) for e in stored] == [
+        (row["seq"], row["prev_hash"], row["hash"]) for row in rows
+    ]
+    assert [e.data for e in stored] == [row["data"] for row in rows]
+    assert (result.ok, result.entries, result.head) == (True, 3, rows[-1]["hash"])
