@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -99,6 +100,8 @@ class Head:
     """The chain as the current transaction sees it: its last entry and last checkpoint."""
 
     transaction: object
+    connection: AsyncConnection
+    """The session's connection in that transaction (the appends insert on it)."""
     seq: int
     hash: str
     checkpointed: int
@@ -135,6 +138,7 @@ async def head(session: AsyncSession) -> Head:
     last = (await connection.execute(_READ_HEAD)).first()
     found = Head(
         transaction=session.sync_session.get_transaction(),
+        connection=connection,
         seq=last[0] if last else 0,
         hash=last[1] if last else GENESIS,
         checkpointed=int(last[2] or 0) if last else 0,
@@ -160,8 +164,7 @@ async def append_row(session: AsyncSession, row: dict[str, Any]) -> dict[str, An
     row["seq"] = last.seq + 1
     row["prev_hash"] = last.hash
     row["hash"] = row_hash(row, last.hash)
-    connection = await session.connection()
-    await connection.execute(_INSERT, row)
+    await last.connection.execute(_INSERT, row)
     last.seq, last.hash = row["seq"], row["hash"]
     return row
 
