@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import text
@@ -22,14 +22,20 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tributary.contracts.envelope import CloudEvent
 from tributary.email.handlers import (
+    Claim,
     ClaimHeld,
     Delivery,
+    Gate,
+    Outgoing,
+    Passed,
+    claim,
     on_email_send,
     on_user_created,
     on_user_erased,
+    welcome_window_open,
 )
 from tributary.email.mailer import Mailer, SmtpError
-from tributary.email.models import ERASED_ADDRESS, EmailRecord, message_id_for
+from tributary.email.models import ERASED_ADDRESS, EmailRecord, WelcomeSend, message_id_for
 from tributary.messaging.db import create_engine, session_factory
 from tributary.messaging.testing import SweepRecorder
 from tributary.messaging.uow import UnitOfWork
@@ -274,3 +280,102 @@ async def test_an_erased_users_claim_left_by_a_crash_is_anonymised_and_never_sen
             select(EmailRecord.to).where(col(EmailRecord.to) != ERASED_ADDRESS)
         )
         assert rows.all() == []
+
+
+def outgoing(key: str, to: str) -> Outgoing:
+    return Outgoing(
+        logical_key=key, to=to, template="welcome", subject="Hi", body="Hello", locale="en-GB"
+    )
+
+
+class HeldOpen:
+    """Wraps a gate: the claim's transaction (its row inserted, not committed) waits inside it
+    until ``go_on`` is set, then commits -- or rolls back when ``fail`` is set."""
+
+    def __init__(self, gate: Gate | None = None, *, fail: bool = False) -> None:
+        self.gate = gate
+        self.fail = fail
+        self.inside = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def __call__(
+        self, mail: Outgoing, session: AsyncSession, delivery: Delivery
+    ) -> Passed | None:
+        passed = Passed() if self.gate is None else await self.gate(mail, session, delivery)
+        self.inside.set()
+        await self.go_on.wait()
+        if self.fail:
+            raise RuntimeError("the first claimer dies before its claim commits")
+        return passed
+
+
+async def race(
+    engine: AsyncEngine,
+    delivery: Delivery,
+    first: tuple[Outgoing, HeldOpen],
+    second: tuple[Outgoing, Gate | None],
+) -> tuple[asyncio.Task[Claim | None], asyncio.Task[Claim | None]]:
+    """The second claim starts while the first's insert is not committed yet (on PostgreSQL:
+    until it waits on the first's lock), then the first goes on."""
+    held = first[1]
+    one = asyncio.create_task(claim(first[0], cast(Any, None), delivery, held))
+    await held.inside.wait()
+    two = asyncio.create_task(claim(second[0], cast(Any, None), delivery, second[1]))
+    if engine.dialect.name == "postgresql":
+        await wait_for_a_lock_wait(engine)
+    held.go_on.set()
+    return one, two
+
+
+@pytest.mark.parametrize("first_fails", [False, True], ids=["first commits", "first rolls back"])
+async def test_a_claimer_meeting_an_uncommitted_claim_of_the_key_gets_its_outcome(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], first_fails: bool
+) -> None:
+    delivery = Delivery(mailer=GatedMailer(), from_address=FROM)
+    delivery.claims.bind(sessions)
+    mail = outgoing("send:race-0001", "racer@example.com")
+
+    one, two = await race(engine, delivery, (mail, HeldOpen(fail=first_fails)), (mail, None))
+
+    if not first_fails:  # the key is claimed and fresh: the second is retried later
+        mine = await one
+        with pytest.raises(ClaimHeld):
+            await two
+    else:  # nothing was committed: the second claims the key as new
+        with pytest.raises(RuntimeError):
+            await one
+        mine = await two
+    assert mine is not None
+    assert mine.created
+    [record] = await records(sessions)
+    assert (record.status, record.claimed_by) == ("sending", mine.token)
+
+
+@pytest.mark.parametrize("first_fails", [False, True], ids=["first commits", "first rolls back"])
+async def test_two_sign_ups_with_one_address_at_once_claim_one_welcome(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], first_fails: bool
+) -> None:
+    delivery = Delivery(mailer=GatedMailer(), from_address=FROM)
+    delivery.claims.bind(sessions)
+    first = outgoing("welcome:usr_first0000001", "Same.Person@example.com")
+    second = outgoing("welcome:usr_second000001", "same.person@EXAMPLE.com")
+
+    one, two = await race(
+        engine,
+        delivery,
+        (first, HeldOpen(welcome_window_open, fail=first_fails)),
+        (second, welcome_window_open),
+    )
+
+    if not first_fails:  # the window is taken: the second welcome is suppressed, for good
+        assert await one is not None
+        assert await two is None
+        expected = {first.logical_key: "sending", second.logical_key: "suppressed"}
+    else:  # the first took nothing: the second gets the window
+        with pytest.raises(RuntimeError):
+            await one
+        assert await two is not None
+        expected = {second.logical_key: "sending"}
+    assert {r.logical_key: r.status for r in await records(sessions)} == expected
+    async with sessions() as session:
+        assert len((await session.exec(select(WelcomeSend))).all()) == 1

@@ -74,8 +74,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
+from typing import Any
 
-from sqlalchemy import delete, func, or_, update
+from sqlalchemy import Insert, bindparam, delete, func, insert, or_, update
+from sqlalchemy import select as sa_select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col, select
@@ -113,6 +116,46 @@ log = logging.getLogger("tributary.email")
 
 DEVELOPMENT_ADDRESS_KEY = b"tributary-development-address-key"
 """Used when ``EMAIL_ADDRESS_KEY`` is not set (a warning is logged): never in production."""
+
+# The statements of every mail, built once as Core statements on the tables (no ORM unit of
+# work, no per-call statement building): their values are bound at execution.
+EMAILS = EmailRecord.__table__
+RECIPIENTS = Recipient.__table__
+WELCOME_SENDS = WelcomeSend.__table__
+
+
+def _insert_new(dialect: str, table: Any, returning: Any) -> Insert:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING``: a row back when this insert made it."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(table).on_conflict_do_nothing().returning(returning)
+
+
+CLAIM_NEW = {name: _insert_new(name, EMAILS, EMAILS.c.id) for name in ("postgresql", "sqlite")}
+WELCOME_NEW = {
+    name: _insert_new(name, WELCOME_SENDS, WELCOME_SENDS.c.address_hash)
+    for name in ("postgresql", "sqlite")
+}
+SETTLE = (
+    update(EMAILS)
+    .where(EMAILS.c.id == bindparam("email_id"), EMAILS.c.status == "sending")
+    .values(
+        status=bindparam("new_status", type_=EMAILS.c.status.type),
+        sent_at=bindparam("new_sent_at", type_=EMAILS.c.sent_at.type),
+        error=bindparam("new_error", type_=EMAILS.c.error.type),
+        claimed_at=None,
+        claimed_by=None,
+    )
+    .returning(EMAILS.c.to)
+)
+RECIPIENT_EMAIL = sa_select(RECIPIENTS.c.email).where(RECIPIENTS.c.user_id == bindparam("user_id"))
+NEW_RECIPIENT = insert(RECIPIENTS)
+
+
+def dialect_of(session: AsyncSession) -> str:
+    name = session.get_bind().dialect.name
+    if name not in CLAIM_NEW:
+        raise RuntimeError(f"the email service runs on SQLite or PostgreSQL, not {name}")
+    return name
 
 
 class Claims:
@@ -206,31 +249,35 @@ async def welcome_window_open(
 ) -> Passed | None:
     """Passed (and the address's welcome claimed for now) unless the address got a welcome
     within the window. The claim is in the email's claim transaction: two deliveries claiming
-    one address at once serialise on the row (the loser's claim fails and is retried, finding
-    the window closed); an email that then fails transiently gives the window back."""
+    one address at once serialise on the row (the second waits for the first's claim to
+    commit, then finds the window closed); an email that then fails transiently gives the
+    window back.
+
+    An address never welcomed (the usual case) costs one statement: the insert that claims
+    its window. Only an address seen before is read (locked) and compared."""
     if delivery.welcome_window <= timedelta(0):
         return Passed()
     digest = address_hash(mail.to, delivery.address_key)
     stamp = now()
-    query = select(WelcomeSend).where(col(WelcomeSend.address_hash) == digest).with_for_update()
-    last = (await session.exec(query)).first()
-    if last is None:
-        session.add(WelcomeSend(address_hash=digest, last_sent_at=stamp))
-        previous = None
-    elif as_utc(last.last_sent_at) > stamp - delivery.welcome_window:
-        return None
-    else:
-        previous = last.last_sent_at
-        last.last_sent_at = stamp
-        session.add(last)
-    await session.flush()
+    new = WELCOME_NEW[dialect_of(session)]
+    made = await session.exec(new, params={"address_hash": digest, "last_sent_at": stamp})
+    mine = WELCOME_SENDS.c.address_hash == digest
+    previous = None
+    if made.first() is None:  # welcomed before: within the window?
+        query = sa_select(WELCOME_SENDS.c.last_sent_at).where(mine).with_for_update()
+        last = (await session.exec(query)).scalar_one_or_none()
+        if last is None:  # given back by a transient failure since the insert met it
+            raise ClaimHeld(f"the welcome window of {mail.logical_key} changed meanwhile")
+        if as_utc(last) > stamp - delivery.welcome_window:
+            return None
+        previous = last
+        await session.exec(update(WELCOME_SENDS).where(mine).values(last_sent_at=stamp))
 
     async def undo(session: AsyncSession) -> None:
-        mine = col(WelcomeSend.address_hash) == digest
         if previous is None:
-            await session.exec(delete(WelcomeSend).where(mine))
+            await session.exec(delete(WELCOME_SENDS).where(mine))
         else:
-            await session.exec(update(WelcomeSend).where(mine).values(last_sent_at=previous))
+            await session.exec(update(WELCOME_SENDS).where(mine).values(last_sent_at=previous))
 
     return Passed(undo)
 
@@ -281,19 +328,22 @@ class Claim:
 SETTLED = ("sent", "failed", "suppressed")
 
 
-def _record(mail: Outgoing, status: str, token: str | None) -> EmailRecord:
-    return EmailRecord(
-        id=email_id_for(mail.logical_key),
-        logical_key=mail.logical_key,
-        message_id=message_id_for(mail.logical_key),
-        to=mail.to,
-        template=mail.template,
-        status=status,
-        user_id=mail.user_id,
-        correlation_id=context.current().correlation_id,
-        claimed_at=now() if token else None,
-        claimed_by=token,
-    )
+def _claimed_row(mail: Outgoing, email_id: str, token: str) -> dict[str, Any]:
+    """The values of a new ``sending`` row, claimed by ``token`` now."""
+    stamp = now()
+    return {
+        "id": email_id,
+        "logical_key": mail.logical_key,
+        "message_id": message_id_for(mail.logical_key),
+        "to": mail.to,
+        "template": mail.template,
+        "status": "sending",
+        "user_id": mail.user_id,
+        "correlation_id": context.current().correlation_id,
+        "created_at": stamp,
+        "claimed_at": stamp,
+        "claimed_by": token,
+    }
 
 
 async def claim(
@@ -308,18 +358,14 @@ async def claim(
     email_id = email_id_for(mail.logical_key)
     token = secrets.token_hex(16)
     async with delivery.claims.session(uow) as session:
-        row = (
-            await session.exec(
-                select(EmailRecord).where(col(EmailRecord.logical_key) == mail.logical_key)
-            )
-        ).first()
-        if row is None:
-            # the row first: on SQLite its insert takes the write lock, so the gate's read
-            # below sees every other claim; on PostgreSQL a second claimer of the key waits on
-            # the unique index, then fails and is retried
-            session.add(_record(mail, "sending", token))
+        # insert first (a new key is the usual case): on SQLite the insert takes the write
+        # lock, so the gate below sees every other claim; on PostgreSQL a second claimer of
+        # the key waits on the unique index for the first's claim, then inserts nothing and
+        # reads the row below (fresh: held; settled: done; given back: its own row now)
+        new = CLAIM_NEW[dialect_of(session)]
+        made = (await session.exec(new, params=_claimed_row(mail, email_id, token))).first()
+        if made is not None:
             try:
-                await session.flush()
                 passed = Passed() if gate is None else await gate(mail, session, delivery)
                 if passed is None:
                     await session.exec(
@@ -338,6 +384,13 @@ async def claim(
                 )
                 return None
             return Claim(email_id, message_id_for(mail.logical_key), token, True, passed)
+        row = (
+            await session.exec(
+                select(EmailRecord).where(col(EmailRecord.logical_key) == mail.logical_key)
+            )
+        ).first()
+        if row is None:  # the claim the insert met was given back since: claim it anew
+            raise ClaimHeld(f"email {email_id} was given back at the same moment: retried")
         if row.status in SETTLED:
             log.info("%s email %s was handled before: not sent again", mail.template, email_id)
             return None
@@ -411,17 +464,13 @@ async def settle(
     stamp = now()
     status = "failed" if failure is not None else "sent"
     marked = await uow.session.exec(
-        update(EmailRecord)
-        .where(col(EmailRecord.id) == held.email_id, col(EmailRecord.status) == "sending")
-        .values(
-            status=status,
-            sent_at=None if failure else stamp,
-            error=failure.reason if failure else None,
-            claimed_at=None,
-            claimed_by=None,
-        )
-        .returning(col(EmailRecord.to))
-        .execution_options(synchronize_session=False)
+        SETTLE,
+        params={
+            "email_id": held.email_id,
+            "new_status": status,
+            "new_sent_at": None if failure else stamp,
+            "new_error": failure.reason if failure else None,
+        },
     )
     to = marked.scalar_one_or_none()
     if to is None:
@@ -500,24 +549,23 @@ async def deliver(
     await settle(mail, held, uow, None)
 
 
-async def remember_recipient(
-    user: UserCreatedV2, uow: UnitOfWork, known: Recipient | None
-) -> Recipient:
+async def remember_recipient(user: UserCreatedV2, uow: UnitOfWork, known: str | None) -> None:
     """Keep the address of ``user``: later events about the user carry only its id.
 
-    ``known``: the user's row as this transaction read it (only user.created makes the row, and
-    the inbox lets one delivery of it commit)."""
-    recipient = known
-    if recipient is None:
-        recipient = Recipient(
-            user_id=user.user_id,
-            email=user.email,
-            given_name=user.given_name,
-            locale=user.locale,
-        )
-        uow.session.add(recipient)
-    # else an older fact must not undo a newer one (user.email_changed): keep what is there
-    return recipient
+    ``known``: the address of the user's row as this transaction read it, none without a row
+    (only user.created makes the row, and the inbox lets one delivery of it commit)."""
+    if known is not None:
+        return  # an older fact must not undo a newer one (user.email_changed): keep what is there
+    await uow.session.exec(
+        NEW_RECIPIENT,
+        params={
+            "user_id": user.user_id,
+            "email": user.email,
+            "given_name": user.given_name,
+            "locale": user.locale,
+            "updated_at": now(),
+        },
+    )
 
 
 async def on_user_created(event: Event[UserCreatedV2], uow: UnitOfWork, delivery: Delivery) -> None:
@@ -525,12 +573,12 @@ async def on_user_created(event: Event[UserCreatedV2], uow: UnitOfWork, delivery
     if await was_erased(uow.session, user.user_id):
         log.info("user.created for erased user %s: nothing stored or sent", user.user_id)
         return
-    known = await uow.session.get(Recipient, user.user_id)
+    known = (await uow.session.exec(RECIPIENT_EMAIL, params={"user_id": user.user_id})).scalar()
     text = render("welcome", user.locale, {"given_name": user.given_name})
     mail = Outgoing(
         logical_key=f"welcome:{user.user_id}",
         # the address changed since, if a forced replay sends it late
-        to=known.email if known is not None else user.email,
+        to=known if known is not None else user.email,
         template="welcome",
         subject=text.subject,
         body=text.body,
