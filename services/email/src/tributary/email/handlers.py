@@ -76,8 +76,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, delete, func, insert, or_, update
-from sqlalchemy import select as sa_select
+from sqlalchemy import Column, Insert, Table, bindparam, delete, func, insert, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
@@ -119,12 +118,12 @@ DEVELOPMENT_ADDRESS_KEY = b"tributary-development-address-key"
 
 # The statements of every mail, built once as Core statements on the tables (no ORM unit of
 # work, no per-call statement building): their values are bound at execution.
-EMAILS = EmailRecord.__table__
-RECIPIENTS = Recipient.__table__
-WELCOME_SENDS = WelcomeSend.__table__
+EMAILS: Table = EmailRecord.__table__  # type: ignore[attr-defined]
+RECIPIENTS: Table = Recipient.__table__  # type: ignore[attr-defined]
+WELCOME_SENDS: Table = WelcomeSend.__table__  # type: ignore[attr-defined]
 
 
-def _insert_new(dialect: str, table: Any, returning: Any) -> Insert:
+def _insert_new(dialect: str, table: Table, returning: Column[Any]) -> Insert:
     """``INSERT ... ON CONFLICT DO NOTHING RETURNING``: a row back when this insert made it."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return insert(table).on_conflict_do_nothing().returning(returning)
@@ -147,7 +146,7 @@ SETTLE = (
     )
     .returning(EMAILS.c.to)
 )
-RECIPIENT_EMAIL = sa_select(RECIPIENTS.c.email).where(RECIPIENTS.c.user_id == bindparam("user_id"))
+RECIPIENT_EMAIL = select(RECIPIENTS.c.email).where(RECIPIENTS.c.user_id == bindparam("user_id"))
 NEW_RECIPIENT = insert(RECIPIENTS)
 
 
@@ -264,8 +263,8 @@ async def welcome_window_open(
     mine = WELCOME_SENDS.c.address_hash == digest
     previous = None
     if made.first() is None:  # welcomed before: within the window?
-        query = sa_select(WELCOME_SENDS.c.last_sent_at).where(mine).with_for_update()
-        last = (await session.exec(query)).scalar_one_or_none()
+        query = select(WELCOME_SENDS.c.last_sent_at).where(mine).with_for_update()
+        last = (await session.exec(query)).first()
         if last is None:  # given back by a transient failure since the insert met it
             raise ClaimHeld(f"the welcome window of {mail.logical_key} changed meanwhile")
         if as_utc(last) > stamp - delivery.welcome_window:
@@ -573,7 +572,7 @@ async def on_user_created(event: Event[UserCreatedV2], uow: UnitOfWork, delivery
     if await was_erased(uow.session, user.user_id):
         log.info("user.created for erased user %s: nothing stored or sent", user.user_id)
         return
-    known = (await uow.session.exec(RECIPIENT_EMAIL, params={"user_id": user.user_id})).scalar()
+    known = (await uow.session.exec(RECIPIENT_EMAIL, params={"user_id": user.user_id})).first()
     text = render("welcome", user.locale, {"given_name": user.given_name})
     mail = Outgoing(
         logical_key=f"welcome:{user.user_id}",
