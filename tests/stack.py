@@ -247,7 +247,7 @@ class Stack:
                 # webhook receivers and retry schedules of a test, digest windows in seconds
                 NOTIFICATION_WEBHOOK_ALLOW_LOOPBACK="true",
                 NOTIFICATION_WEBHOOK_RETRY_SCHEDULE="[0, 1, 2, 4]",
-                NOTIFICATION_DIGEST_WINDOW_SECONDS="12",
+                NOTIFICATION_DIGEST_WINDOW_SECONDS="30",  # outlasts a restart on a busy machine
             )
         if name == "billing":
             values.update(

@@ -263,8 +263,12 @@ async def test_an_endpoint_failing_past_the_disable_period_is_disabled_and_the_u
         await service.deliver(report_ready(user))
         await settled(service, endpoint)
 
-        # attempts at 0 and 0.5 s fail inside the period; the one at 1 s is past it
-        assert [a.answered for a in hook.received] == [500, 500, 500]
+        # attempts at 0 and 0.5 s fail inside the period; the one at 1 s is past it (on a
+        # loaded machine the second may already be past it: disabled after two, never later
+        # than the first attempt past the period, and long before the schedule runs out)
+        attempts = len(hook.received)
+        assert 2 <= attempts <= 3, [a.answered for a in hook.received]
+        assert [a.answered for a in hook.received] == [500] * attempts
         shown = (await service.client.get(f"/users/{user}/webhooks/{endpoint}")).json()
         assert (shown["enabled"], shown["disabled_reason"]) == (False, "failing")
         assert shown["failing_since"] is not None
@@ -273,7 +277,11 @@ async def test_an_endpoint_failing_past_the_disable_period_is_disabled_and_the_u
         assert len(notices) == 1
         assert "have failed since" in notices[0]["body"]
         [delivery] = await deliveries(service, endpoint)
-        assert (delivery.status, delivery.attempts, delivery.next_attempt) == ("failed", 3, None)
+        assert (delivery.status, delivery.attempts, delivery.next_attempt) == (
+            "failed",
+            attempts,
+            None,
+        )
 
         # enabling restarts the failure clock: the next failure does not disable it again
         await service.client.patch(f"/users/{user}/webhooks/{endpoint}", json={"enabled": True})
