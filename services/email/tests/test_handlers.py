@@ -223,6 +223,7 @@ async def test_subscription_activated_mails_the_known_user_in_their_language(
     assert activated["Message-ID"] == message_id_for("subscription_activated:sub_0123456789")
     assert activated["Message-ID"] != welcome["Message-ID"]
     assert activated.get_content().startswith("Hallo Ada,\n")
+    assert (welcome["Content-Language"], activated["Content-Language"]) == ("de-DE", "de-DE")
     assert {r.template for r in await emails(uow)} == {"welcome", "subscription_activated"}
 
 

@@ -300,11 +300,12 @@ def compose(mail: Outgoing, from_address: str, message_id: str) -> EmailMessage:
         message["Subject"] = " ".join(mail.subject.split())  # no line breaks: no header injection
         message["Message-ID"] = message_id
         message["Date"] = format_datetime(now())
-        message["Content-Language"] = mail.locale
         if mail.list_unsubscribe:  # RFC 8058: a POST to the URL unsubscribes, no page visit
             message["List-Unsubscribe"] = f"<{mail.list_unsubscribe}>"
             message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         message.set_content(mail.body)
+        # after set_content, which replaces every Content-* header with its own
+        message["Content-Language"] = mail.locale
     except (ValueError, TypeError) as exc:
         raise PermanentSmtpError(f"message cannot be built: {exc}") from exc
     return message
