@@ -204,3 +204,33 @@ async def test_a_writer_waiting_past_the_busy_timeout_gets_database_is_locked(
             with pytest.raises(OperationalError, match="database is locked"):
                 await waiter.execute(text("INSERT INTO t (name) VALUES ('late')"))
         await holder.commit()
+
+
+async def test_the_pool_hands_out_the_most_recently_returned_connection(
+    engine: AsyncEngine,
+) -> None:
+    """After a burst opened several connections, one at a time reuses the same one (LIFO):
+    the others stay idle instead of each warming its thread and caches up in turn."""
+    release = asyncio.Event()
+    opened: list[int] = []
+
+    async def hold() -> None:
+        async with engine.connect() as conn:
+            opened.append(id((await conn.get_raw_connection()).driver_connection))
+            await release.wait()
+
+    holders = [asyncio.create_task(hold()) for _ in range(4)]
+
+    async def all_open() -> bool:
+        return len(opened) == 4
+
+    await eventually(all_open, timeout=10, what="four connections open")
+    release.set()
+    await asyncio.gather(*holders)
+    assert len(set(opened)) == 4
+    used = []
+    for _ in range(6):
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            used.append(id((await conn.get_raw_connection()).driver_connection))
+    assert len(set(used)) == 1

@@ -167,6 +167,12 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         pragmas = _sqlite_pragmas(sqlite_synchronous())
         kwargs.setdefault("module", sqlite_driver.dbapi())  # one thread round trip a statement
+        if "poolclass" not in kwargs:  # a NullPool (migrations) keeps no connections
+            # the most recently returned connection first: a steady flow of events reuses one
+            # or two, not every connection a burst of API reads once opened. Each has its own
+            # thread (its own malloc arena) and its own statement cache, which a FIFO pool's
+            # rotation warmed up one after the other (``bench/rss_bench.py``)
+            kwargs.setdefault("pool_use_lifo", True)
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine.sync_engine, "connect", pragmas)
         return engine
