@@ -157,8 +157,7 @@ async def append_row(session: AsyncSession, row: dict[str, Any]) -> dict[str, An
     """Number ``row`` (every column of :data:`COLUMNS` but ``seq``, ``prev_hash`` and
     ``hash``), link it to the last entry and insert it (not committed); return it completed.
 
-    A plain Core INSERT on the session's connection: no ORM object is built or flushed (the
-    ORM's unit of work cost more than the rest of recording an event).
+    A plain Core INSERT on the transaction's connection: no ORM object is built or flushed.
     """
     last = await head(session)
     row["seq"] = last.seq + 1
