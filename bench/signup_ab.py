@@ -7,8 +7,9 @@ a figure measured last week cannot be compared with one measured today. This run
 ``bench.signup_bench --quick --only 2`` (300 sign-ups through the four real services) on the
 earlier commit and on this checkout, alternating, ``--rounds`` times each, and prints each
 service's CPU per sign-up (median over the rounds) side by side. The earlier commit runs from a
-temporary ``git worktree`` with its own sources first on ``PYTHONPATH`` (same virtualenv, same
-installed libraries), so only the code differs. It reads the figures the bench prints: the
+temporary ``git worktree`` with its own sources first on ``PYTHONPATH``, and this checkout
+with its sources first on ``PYTHONPATH`` too (same virtualenv, same installed libraries, the
+same import path in both arms), so only the code differs. It reads the figures the bench prints: the
 section table of this checkout's bench, or the "CPU per sign-up:" line of older ones.
 """
 
@@ -58,10 +59,8 @@ def source_path(tree: Path) -> str:
     )
 
 
-def run_bench(tree: Path, *, isolated: bool) -> dict[str, float]:
-    env = dict(os.environ)
-    if isolated:
-        env["PYTHONPATH"] = source_path(tree)
+def run_bench(tree: Path) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": source_path(tree)}
     done = subprocess.run(
         [sys.executable, "-W", "ignore", "-m", "bench.signup_bench", "--quick", "--only", "2"],
         cwd=tree,
@@ -95,9 +94,11 @@ def main(args: argparse.Namespace) -> str:
         )
         try:
             for r in range(args.rounds):
-                order = [("base", tree, True), ("here", ROOT, False)]
-                for name, where, isolated in order if r % 2 == 0 else order[::-1]:
-                    got = run_bench(where, isolated=isolated)
+                # both arms import their own sources from PYTHONPATH, the same way: an
+                # editable install's import hooks must not weigh on one arm only
+                order = [("base", tree), ("here", ROOT)]
+                for name, where in order if r % 2 == 0 else order[::-1]:
+                    got = run_bench(where)
                     runs[name].append(got)
                     shown = ", ".join(f"{s} {got[s]:.2f}" for s in SERVICES)
                     print(f"  round {r + 1} {name}: {shown} ms", flush=True)
