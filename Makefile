@@ -76,6 +76,7 @@ compose-check: sync  ## validate docker-compose.yml with the real Compose v2 (no
 BENCHES := messaging_bench \
 	signup_bench \
 	"signup_bench --profile" \
+	"rss_bench --reads 300 --checkpoints 2000,10000,30000 --base 4b6684b" \
 	signup_ab \
 	onboarding_bench \
 	"email_bench -n 2000" \

@@ -444,6 +444,8 @@ def table(runs: Sequence[Run], checkpoints: Sequence[int]) -> list[str]:
 
 
 async def main(args: argparse.Namespace) -> str:
+    if args.quick:  # a smoke run: the code path, not figures
+        args.checkpoints, args.reads = "300,600", min(args.reads, 20)
     checkpoints = sorted(int(c) for c in args.checkpoints.split(","))
     with ExitStack() as infra:
         url = find_rabbitmq(infra).url
@@ -477,6 +479,7 @@ async def measured(args: argparse.Namespace, url: str, checkpoints: list[int]) -
         "Printed by `bench/rss_bench.py` (its docstring says how it measures); nothing here is "
         "typed by hand.",
         "",
+        *(["- **`--quick`: a smoke run, not figures to keep**"] if args.quick else []),
         f"- command: `{command}`",
         f"- run: {stamp} before, {load_average()} after; {time.perf_counter() - started:.0f} s",
         f"- versions: {versions(['sqlalchemy', 'aiosqlite', 'aio-pika', 'uvloop'])}",
@@ -526,6 +529,7 @@ def cli() -> None:
     parser.add_argument("--in-process", action="store_true", help="tracemalloc and gc counts")
     parser.add_argument("--frames", type=int, default=8, help="tracemalloc frames kept")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="600 events: a smoke run")
     args = parser.parse_args()
     print_section(uvloop.run(main(args)), args.write, MARKER)
 

@@ -249,3 +249,13 @@ def test_onboarding_bench_runs_and_writes_its_section(rabbitmq: Found, tmp_path:
     written = check_replaced(results, "onboarding-bench")
     assert "## Onboarding draining a backlog" in written
     assert "| ≥ 35% |" in written
+
+
+def test_rss_bench_runs_and_writes_its_section(rabbitmq: Found, tmp_path: Path) -> None:
+    results = stale_results(tmp_path, "rss-bench")
+    arguments = ["--quick", "--reads", "10", "--write", str(results)]
+    run_bench("bench.rss_bench", arguments, {"RABBITMQ_URL": rabbitmq.url}, 300)
+    written = check_replaced(results, "rss-bench")
+    assert "`--quick`: a smoke run" in written
+    row = next(line for line in written.splitlines() if line.startswith("| this checkout |"))
+    assert "MiB" in row, row  # RssAnon growth printed for the run
