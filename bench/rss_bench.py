@@ -47,6 +47,7 @@ from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import httpx
@@ -209,26 +210,18 @@ def sign_ups(n: int, version: int) -> list[aio_pika.Message]:
     now = datetime.now(UTC)
     for _ in range(n):
         user_id = f"usr_{uuid.uuid4().hex}"
-        data: Payload
-        if version == 1:
-            data = UserCreatedV1(
-                user_id=user_id,
-                email=f"{user_id}@example.com",
-                name="Ada Lovelace",
-                plan="free",
-                locale="en-GB",
-                created_at=now,
-            )
-        else:
-            data = UserCreatedV2(
-                user_id=user_id,
-                email=f"{user_id}@example.com",
-                given_name="Ada",
-                family_name="Lovelace",
-                plan="free",
-                locale="en-GB",
-                created_at=now,
-            )
+        common: dict[str, Any] = {
+            "user_id": user_id,
+            "email": f"{user_id}@example.com",
+            "plan": "free",
+            "locale": "en-GB",
+            "created_at": now,
+        }
+        data: Payload = (
+            UserCreatedV1(**common, name="Ada Lovelace")
+            if version == 1
+            else UserCreatedV2(**common, given_name="Ada", family_name="Lovelace")
+        )
         correlation = str(uuid.uuid4())
         event = new_event(
             routing_key=f"user.created.v{version}",
