@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tributary.contracts.catalog import CatalogError
 from tributary.eventctl import dlq, report
+from tributary.eventctl.arguments import positive
 from tributary.eventctl.broker import (
     BrokerOptions,
     QueueMissing,
@@ -184,13 +185,6 @@ async def _replay_outbox(args: argparse.Namespace) -> int:
 # -- arguments ------------------------------------------------------------------------------
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
-
-
 def _iso_time(value: str) -> Any:
     try:
         return parse_time(value)
@@ -268,7 +262,7 @@ def _filter_arguments() -> argparse.ArgumentParser:
     group.add_argument(
         "--until", type=dlq_time, metavar="ISO", help="dead-lettered before this time"
     )
-    group.add_argument("--limit", type=_positive, metavar="N", help="act on at most N messages")
+    group.add_argument("--limit", type=positive, metavar="N", help="act on at most N messages")
     return filters
 
 
@@ -282,7 +276,7 @@ INTERRUPT_NOTE = (
 def _change_arguments(parser: argparse.ArgumentParser, *, batch_help: str) -> None:
     if parser.description:
         parser.description += INTERRUPT_NOTE
-    parser.add_argument("--batch", type=_positive, default=100, metavar="N", help=batch_help)
+    parser.add_argument("--batch", type=positive, default=100, metavar="N", help=batch_help)
     parser.add_argument(
         "--dry-run", action="store_true", help="only count what would be done; change nothing"
     )

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 
+from tributary.eventctl.arguments import positive
 from tributary.eventctl.broker import broker_options, redact
 from tributary.eventctl.replay import DatabaseMissing, _app_id, database_engine
 from tributary.messaging.db import OutboxRow, session_factory, utcnow
@@ -260,13 +261,6 @@ async def _resend_command(args: argparse.Namespace) -> int:
     return EXIT_INCOMPLETE if counts.failed or counts.not_parked else EXIT_OK
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
-
-
 def _seconds(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -294,7 +288,7 @@ def add_outbox_commands(groups: Any) -> None:
         "bounded attempts. They are not retried until 'eventctl outbox resend'. Read only.",
     )
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    listing.add_argument("--limit", type=_positive, metavar="N", help="show at most N rows")
+    listing.add_argument("--limit", type=positive, metavar="N", help="show at most N rows")
     listing.set_defaults(handler=_parked_command)
 
     resend_parser = cmds.add_parser(
@@ -321,7 +315,7 @@ def add_outbox_commands(groups: Any) -> None:
     )
     resend_parser.add_argument(
         "--batch",
-        type=_positive,
+        type=positive,
         default=100,
         metavar="N",
         help="rows read and confirms in flight at a time (default 100)",

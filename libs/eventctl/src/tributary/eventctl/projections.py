@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tributary.eventctl import progress
+from tributary.eventctl.arguments import positive
 from tributary.eventctl.replay import DatabaseMissing, database_engine
 
 GROUP = "tributary.projections"
@@ -285,13 +286,6 @@ async def rebuild_command(args: argparse.Namespace) -> int:
 # -- arguments --------------------------------------------------------------------------------
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
-
-
 def _seconds(value: str) -> float:
     number = float(value)
     if not number >= 0:
@@ -345,7 +339,7 @@ def add_projections_commands(groups: Any) -> None:
     rebuild.add_argument("name", help="the projection: NAME or SERVICE.NAME (see 'list')")
     rebuild.add_argument(
         "--batch",
-        type=_positive,
+        type=positive,
         default=500,
         metavar="N",
         help="events per transaction (default 500; the tail at the swap is at most about this)",

@@ -8,6 +8,7 @@ from functools import wraps
 from typing import Any
 
 from tributary.eventctl.admin import AdminError, BrokerAdmin, broker_admin
+from tributary.eventctl.arguments import positive
 from tributary.eventctl.broker import broker_options, queues_for
 from tributary.eventctl.commands import EXIT_ERROR, EXIT_OK, AsyncHandler, _connected, _guarded
 from tributary.eventctl.migrate import MigrationBlocked, Target, migrate, retry_root
@@ -88,13 +89,6 @@ async def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
-
-
 def _tiers(value: str) -> tuple[float, ...]:
     try:
         tiers = tuple(float(part) for part in value.split(",") if part.strip())
@@ -163,7 +157,7 @@ def add_queue_commands(groups: Any) -> None:
     )
     migrate_parser.add_argument(
         "--delivery-limit",
-        type=_positive,
+        type=positive,
         metavar="N",
         help="redeliveries before the broker dead-letters a message (x-delivery-limit)",
     )
@@ -175,7 +169,7 @@ def add_queue_commands(groups: Any) -> None:
     )
     migrate_parser.add_argument(
         "--batch",
-        type=_positive,
+        type=positive,
         default=100,
         metavar="N",
         help="publisher confirms in flight (default 100)",
